@@ -1,0 +1,16 @@
+"""Run iree-compile (the ``iree-base-compiler`` package) on StableHLO text."""
+from .targets import target_flags
+from .trace import lower_step
+
+
+def compile_mlir(text, target):
+    """Compile StableHLO ``text`` for ``target``; returns the .vmfb bytes."""
+    import iree.compiler as ic
+
+    return ic.compile_str(text, input_type="stablehlo", extra_args=target_flags(target))
+
+
+def compile_step(spec, target):
+    """``(vmfb bytes, stablehlo text)`` of the step described by ``spec``."""
+    text = lower_step(spec)
+    return compile_mlir(text, target), text

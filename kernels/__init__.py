@@ -1,0 +1,8 @@
+"""Optimizer math, written once against an array namespace ``xp``.
+
+Every kernel is a small pure function of arrays and scalars.  The compiler traces
+them with ``xp = jax.numpy`` (and lowers to StableHLO for IREE); the host-side
+constants (``constants(...)`` functions and the schedules) are evaluated with
+numpy in float32/float64 exactly as the spec prescribes.  Nothing here imports
+JAX at module level, and nothing here knows about IREE or devices.
+"""

@@ -1,0 +1,19 @@
+"""Exponential moving average of the weights (spec §6)::
+
+    avg = ema_momentum * avg + (1 - ema_momentum) * var     # (1 - momentum) in float64
+    var = avg        when this step overwrites (a runtime flag)
+"""
+from .numerics import f32, one_minus
+
+
+def constants(ema_momentum, overwrite):
+    return {"ema_momentum": f32(ema_momentum), "ema_one_minus": one_minus(ema_momentum),
+            "ema_overwrite": f32(1.0 if overwrite else 0.0)}
+
+
+def update(avg, var, c):
+    return c["ema_momentum"] * avg + c["ema_one_minus"] * var
+
+
+def overwrite(xp, var, avg, c):
+    return xp.where(c["ema_overwrite"] > 0, avg, var)

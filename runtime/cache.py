@@ -1,0 +1,133 @@
+"""Compiled-step cache: in memory per device, and on disk across processes.
+
+The disk key covers everything a module depends on: the step structure
+(optimizer kind, variable shapes/dtypes, which variables get gradients, clip
+mode, amsgrad, EMA, weight-decay mask), the target and its flags, the host CPU
+(``-target-cpu=host``), the IREE version, and a hash of the kernel sources.
+Set ``IREEOPT_CACHE_DIR`` to move it (default ``~/.cache/ireeopt``).
+"""
+import atexit
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import threading
+import time
+
+from .module import StepModule
+
+_memory = {}
+_lock = threading.Lock()
+_KERNELS = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+
+
+def iree_version():
+    return importlib.metadata.version("iree-base-runtime")
+
+
+def _kernel_sources_hash():
+    h = hashlib.sha256()
+    for path in sorted(_KERNELS.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def _host_cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()}:{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
+
+
+_STATIC = {}
+
+
+def cache_key(spec, target):
+    if not _STATIC:
+        _STATIC.update(kernels=_kernel_sources_hash(), cpu=_host_cpu(), iree=iree_version())
+    key = {"spec": spec.to_json(), "target": target, **_STATIC}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def cache_dir():
+    return pathlib.Path(os.environ.get("IREEOPT_CACHE_DIR", pathlib.Path.home() / ".cache" / "ireeopt"))
+
+
+def _write_atomic(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class _SlowNotice:
+    """Prints a line to stderr when a compile takes longer than a second."""
+
+    def __init__(self, what):
+        self.what, self.shown = what, False
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        self.timer = threading.Timer(1.0, self._show)
+        self.timer.daemon = True
+        self.timer.start()
+        return self
+
+    def _show(self):
+        self.shown = True
+        print(f"ireeopt: compiling {self.what} ...", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        if self.shown and exc[0] is None:
+            print(f"ireeopt: compiled {self.what} in {time.perf_counter() - self.start:.1f} s",
+                  file=sys.stderr, flush=True)
+
+
+def compile_vmfb(spec, target):
+    """vmfb bytes for ``spec`` on ``target``, from the disk cache or a fresh compile."""
+    path = cache_dir() / f"{cache_key(spec, target)}.vmfb"
+    try:
+        return path.read_bytes()
+    except OSError:
+        pass
+    try:
+        from ..compiler import compile_step
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise RuntimeError("this step is not in the compile cache and cannot be compiled here: "
+                           "install jax and iree-base-compiler") from e
+    what = f"{spec.optimizer} step for {len(spec.variables)} variable(s) ({target})"
+    with _SlowNotice(what):
+        vmfb, _ = compile_step(spec, target)
+    try:
+        _write_atomic(path, vmfb)
+    except OSError:
+        pass  # an unwritable cache only costs a recompile next time
+    return vmfb
+
+
+def step_module(spec, device):
+    """The loaded ``StepModule`` for ``spec`` on ``device`` (compiled at most once)."""
+    key = (spec, device.driver)
+    with _lock:
+        module = _memory.get(key)
+        if module is None:
+            module = _memory[key] = StepModule(device, compile_vmfb(spec, device.target), spec)
+        return module
+
+
+@atexit.register
+def _release():
+    """Drop loaded modules before interpreter teardown (nanobind reports them as leaks otherwise)."""
+    _memory.clear()

@@ -1,0 +1,436 @@
+"""The Keras-style optimizer front end: configuration, state, and the step path.
+
+One ``apply_gradients`` call is: validate everything on the host, evaluate the
+learning rate, compute the float32 step constants, copy the gradients into
+their persistent device buffers, and make **one** call of the compiled step
+module, which updates parameters, slots and EMA averages in place.
+"""
+import numbers
+import re
+import warnings
+
+import numpy as np
+
+from ..kernels import ema as ema_kernel
+from ..kernels import schedules
+from ..kernels.step import StepSpec, VarSpec, slot_dtype
+from .cache import step_module
+from .device import numpy_dtype
+from .sparse import IndexedSlices
+from .variable import Variable
+
+CLIP_SETTINGS = ("clipnorm", "global_clipnorm", "clipvalue")
+
+
+def _is_number(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_number(owner, name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if not _is_number(value):
+        raise TypeError(f"{owner}: `{name}` must be a number{' or None' if allow_none else ''}, "
+                        f"got {value!r}")
+
+
+class _IterationVariable:
+    """``optimizer.variables[0]``: the int64 count of completed steps, kept on the host."""
+
+    name, shape, dtype = "iteration", (), "int64"
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+
+    def numpy(self):
+        return np.array(self._optimizer._iterations, np.int64)
+
+    def assign(self, value):
+        self._optimizer.iterations = value
+
+
+class Optimizer:
+    """Base class of ``Adam``, ``AdamW`` and ``Adamax``; see those for the update rules."""
+
+    _kind = None            # kernel name in kernels.step.OPTIMIZERS
+    _hyper = ()             # per-class hyperparameter names, in get_config order
+    _legacy = False
+
+    def __init__(self, learning_rate, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
+                 ema_momentum, ema_overwrite_frequency, jit_compile, name, mesh, kwargs):
+        owner = type(self).__name__
+        kwargs.pop("is_legacy_optimizer", None)
+        for key in kwargs:
+            if key == "decay":
+                raise ValueError(f"{owner}: `decay` is deprecated in the new Keras optimizers; use a "
+                                 "learning-rate schedule such as ireeopt.schedules.InverseTimeDecay")
+            raise TypeError(f"{owner}: {key!r} is not a valid argument")
+        if mesh is not None:
+            raise NotImplementedError(f"{owner}: `mesh` (sharded optimizer state) is not supported yet")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{owner}: `name` must be a string, got {name!r}")
+        _check_number(owner, "weight_decay", weight_decay, allow_none=True)
+        for key, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue),
+                           ("global_clipnorm", global_clipnorm)):
+            _check_number(owner, key, value, allow_none=True)
+            if value is not None and value < 0:
+                raise ValueError(f"{owner}: `{key}` must be >= 0 (0 or None turns it off), got {value}")
+        active = [k for k, v in (("clipnorm", clipnorm), ("global_clipnorm", global_clipnorm),
+                                 ("clipvalue", clipvalue)) if v]
+        if len(active) > 1:
+            raise ValueError(f"{owner}: only one of `clipnorm`, `global_clipnorm` and `clipvalue` can be "
+                             f"set, got {' and '.join(active)}")
+        if not isinstance(use_ema, bool):
+            raise TypeError(f"{owner}: `use_ema` must be a bool, got {use_ema!r}")
+        if use_ema:
+            _check_number(owner, "ema_momentum", ema_momentum)
+            if not 0 <= ema_momentum <= 1:
+                raise ValueError(f"{owner}: `ema_momentum` must be in [0, 1], got {ema_momentum}")
+            if ema_overwrite_frequency is not None:
+                if (not isinstance(ema_overwrite_frequency, numbers.Integral)
+                        or isinstance(ema_overwrite_frequency, bool) or ema_overwrite_frequency < 0):
+                    raise ValueError(f"{owner}: `ema_overwrite_frequency` must be an integer >= 1 or None, "
+                                     f"got {ema_overwrite_frequency!r}")
+                ema_overwrite_frequency = int(ema_overwrite_frequency) or None
+        if not isinstance(jit_compile, bool):
+            raise TypeError(f"{owner}: `jit_compile` must be a bool, got {jit_compile!r}")
+        self._learning_rate = self._check_learning_rate(learning_rate)
+        self.name = owner if name is None else name
+        self.weight_decay = weight_decay
+        self.clipnorm, self.clipvalue, self.global_clipnorm = clipnorm, clipvalue, global_clipnorm
+        self.use_ema = use_ema
+        self.ema_momentum = ema_momentum
+        self.ema_overwrite_frequency = ema_overwrite_frequency
+        self.jit_compile = jit_compile
+        self._iterations = 0
+        self.built = False
+        self._vars = []
+        self._index = {}
+        self._exclude_ids, self._exclude_names = set(), []
+
+    # ------------------------------------------------------------------ learning rate
+    def _check_learning_rate(self, lr):
+        if isinstance(lr, dict):
+            lr = schedules.deserialize(lr)
+        if isinstance(lr, schedules.LearningRateSchedule) or _is_number(lr) or callable(lr):
+            return np.float32(lr) if _is_number(lr) else lr
+        raise TypeError(f"{type(self).__name__}: `learning_rate` must be a number, a "
+                        f"LearningRateSchedule or a callable, got {lr!r}")
+
+    @property
+    def learning_rate(self):
+        """The float32 rate, or the schedule/callable the optimizer was given."""
+        return self._learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        value = self._check_learning_rate(value)
+        if (isinstance(self._learning_rate, schedules.LearningRateSchedule)
+                and not isinstance(value, schedules.LearningRateSchedule)):
+            raise TypeError("This optimizer was created with a LearningRateSchedule as its `learning_rate`; "
+                            "it can only be replaced by another schedule, not by a number or callable")
+        self._learning_rate = value
+
+    def _current_learning_rate(self):
+        """This step's rate (spec §7): a schedule at the 0-based iterations, a callable called."""
+        lr = self._learning_rate
+        if isinstance(lr, schedules.LearningRateSchedule):
+            lr = lr(self._iterations)
+        elif callable(lr):
+            lr = lr()
+            if isinstance(lr, np.ndarray) and lr.shape == ():
+                lr = lr[()]
+            if not _is_number(lr):
+                raise TypeError(f"the learning-rate callable must return a number, got {lr!r}")
+        return np.float32(lr)
+
+    # ------------------------------------------------------------------ iterations & variables
+    @property
+    def iterations(self):
+        """The int64 count of completed steps."""
+        return np.int64(self._iterations)
+
+    @iterations.setter
+    def iterations(self, value):
+        value = np.asarray(value)
+        if value.shape != () or value.dtype.kind not in "iuf" or value != int(value) or value < 0:
+            raise ValueError(f"iterations must be a non-negative integer, got {value!r}")
+        self._iterations = int(value)
+
+    @property
+    def variables(self):
+        """The optimizer's own state in spec §8 order: iteration, EMA averages, then per
+        variable its slots (m, v or m, u), then every vhat."""
+        out = [_IterationVariable(self)]
+        if not self.built:
+            return out
+        if self.use_ema:
+            out += self._averages
+        base = [k for k in self._slot_names if k != "vhat"]
+        for i in range(len(self._vars)):
+            out += [self._slots[k][i] for k in base]
+        if "vhat" in self._slot_names:
+            out += self._slots["vhat"]
+        return out
+
+    # ------------------------------------------------------------------ weight decay exclusion
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Exclude variables (by identity) or names (regular expressions, ``re.search``)
+        from weight decay.  A second call replaces both lists.  Must precede ``build``."""
+        if self.built:
+            raise ValueError("exclude_from_weight_decay() can only be configured before the optimizer "
+                             "is built")
+        var_list = list(var_list or [])
+        var_names = list(var_names or [])
+        for name in var_names:
+            if not isinstance(name, str):
+                raise TypeError(f"var_names must be strings (regular expressions), got {name!r}")
+            try:
+                re.compile(name)
+            except re.error as e:
+                raise ValueError(f"var_names: {name!r} is not a valid regular expression: {e}") from None
+        self._exclude_ids = {id(v) for v in var_list}
+        self._exclude_names = var_names
+
+    def _excluded(self, var):
+        return id(var) in self._exclude_ids or any(re.search(p, var.name) for p in self._exclude_names)
+
+    # ------------------------------------------------------------------ build
+    def _empty_spec(self):
+        """The structure with no variables: its slot names and scalar layout."""
+        return StepSpec(self._kind, (), (), None, getattr(self, "amsgrad", False), self.use_ema)
+
+    @property
+    def _slot_names(self):
+        return self._empty_spec().slot_names
+
+    def _check_variables(self, var_list, what):
+        seen = set()
+        for var in var_list:
+            if not isinstance(var, Variable):
+                raise TypeError(f"{what}: expected ireeopt.Variable objects, got {type(var).__name__}")
+            if id(var) in seen:
+                raise ValueError(f"{what}: variable {var.name!r} is passed more than once")
+            seen.add(id(var))
+        devices = {v._device.driver for v in var_list} | ({self._device.driver} if self.built else set())
+        if len(devices) > 1:
+            raise ValueError(f"{what}: all variables of one optimizer must share a device, got "
+                             f"{sorted(v.device for v in var_list)}")
+
+    def build(self, var_list):
+        """Create the slots (and EMA averages) of exactly ``var_list``; compile the step."""
+        var_list = list(var_list)
+        if self.built:
+            return
+        self._check_variables(var_list, "build")
+        if not var_list:
+            raise ValueError("build: var_list is empty")
+        slots = {k: [Variable(np.zeros(v.shape, numpy_dtype(slot_dtype(v.dtype))), name=f"{v.name}/{k}",
+                              device=v.device) for v in var_list] for k in self._slot_names}
+        averages = [Variable(v.numpy().astype(numpy_dtype(slot_dtype(v.dtype))), name=f"{v.name}/average",
+                             device=v.device) for v in var_list] if self.use_ema else []
+        device = var_list[0]._device
+        grads = [device.allocate(v.shape, v.dtype) for v in var_list]
+        hyper = device.allocate((len(self._empty_spec().scalars),), "float32")
+        self._vars, self._index = var_list, {id(v): i for i, v in enumerate(var_list)}
+        self._slots, self._averages, self._grad_buffers, self._hyper = slots, averages, grads, hyper
+        self._device, self._prepared = device, {}
+        self._decay_excluded = [self._excluded(v) for v in var_list]
+        self.built = True
+        if self.jit_compile:
+            try:
+                self._prepare(tuple(range(len(var_list))))
+            except BaseException:
+                self.built = False
+                raise
+
+    # ------------------------------------------------------------------ structure and constants
+    def _clip(self):
+        active = [(k, getattr(self, k)) for k in CLIP_SETTINGS if getattr(self, k)]
+        if len(active) > 1:
+            raise ValueError(f"only one of {', '.join(CLIP_SETTINGS)} can be set, got "
+                             f"{' and '.join(k for k, _ in active)}")
+        return active[0] if active else (None, 0.0)
+
+    def _spec_for(self, indices):
+        variables = tuple(VarSpec(self._vars[i].shape, self._vars[i].dtype) for i in indices)
+        decay = tuple(bool(self.weight_decay) and not self._decay_excluded[i] for i in indices)
+        return StepSpec(self._kind, variables, decay, self._clip()[0], getattr(self, "amsgrad", False),
+                        self.use_ema)
+
+    def _kernel_constants(self, lr):
+        raise NotImplementedError
+
+    def _step_lr(self):
+        return self._current_learning_rate()
+
+    def _constants(self, spec, lr):
+        """The hyper vector for this step (rate ``lr``), in ``spec.scalars`` order."""
+        freq = self.ema_overwrite_frequency
+        overwrite = bool(self.use_ema and freq and (self._iterations + 1) % freq == 0)
+        c = {"lr": lr, "wd": np.float32(self.weight_decay or 0), "clip": np.float32(self._clip()[1]),
+             **ema_kernel.constants(self.ema_momentum if self.use_ema else 0.0, overwrite),
+             **self._kernel_constants(lr)}
+        return np.array([c[k] for k in spec.scalars], np.float32)
+
+    # ------------------------------------------------------------------ the step
+    def _prepare(self, indices):
+        """(spec, module or None, VM argument list, buffers) for the step updating ``indices``."""
+        spec = self._spec_for(indices)
+        key = (indices, spec)
+        if key not in self._prepared:
+            buffers = [self._vars[i]._buffer for i in indices] + [self._grad_buffers[i] for i in indices]
+            for k in spec.slot_names:
+                buffers += [self._slots[k][i]._buffer for i in indices]
+            buffers += [self._averages[i]._buffer for i in indices] if self.use_ema else []
+            buffers.append(self._hyper)
+            module = step_module(spec, self._device) if self.jit_compile else None
+            args = module.arguments(buffers) if module else None
+            self._prepared[key] = [spec, module, args, buffers, False]
+        return self._prepared[key]
+
+    def _validate_pairs(self, grads_and_vars):
+        pairs = []
+        for item in grads_and_vars:
+            try:
+                grad, var = item
+            except (TypeError, ValueError):
+                raise TypeError("apply_gradients expects (gradient, variable) pairs") from None
+            pairs.append((grad, var))
+        self._check_variables([v for _, v in pairs], "apply_gradients")
+        if self.built:
+            unknown = [v.name for _, v in pairs if id(v) not in self._index]
+            if unknown:
+                raise ValueError(f"apply_gradients: variable(s) {unknown} were not part of the variables this "
+                                 f"optimizer was built with ({[v.name for v in self._vars]})")
+        checked = []
+        for grad, var in pairs:
+            if grad is None:
+                checked.append((None, var))
+                continue
+            if isinstance(grad, IndexedSlices):
+                raise NotImplementedError(f"sparse gradients (IndexedSlices) for {var.name!r} are not "
+                                          "supported yet")
+            value = grad.numpy() if isinstance(grad, Variable) else np.asarray(grad)
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"gradient for {var.name!r} has dtype {value.dtype}; expected a real number type")
+            if value.shape != var.shape:
+                raise ValueError(f"gradient for {var.name!r} has shape {value.shape} but the variable has "
+                                 f"shape {var.shape}")
+            checked.append((value, var))
+        return checked
+
+    def apply_gradients(self, grads_and_vars):
+        """Apply one step (spec §1) with numpy gradients; returns ``iterations``.
+
+        Everything is checked on the host first: a failing call changes nothing."""
+        pairs = self._validate_pairs(grads_and_vars)
+        given = [(g, v) for g, v in pairs if g is not None]
+        if not given:
+            raise ValueError(f"No gradients provided for any variable: {[v.name for _, v in pairs]}")
+        if len(given) < len(pairs):
+            warnings.warn("Gradients do not exist for variables "
+                          f"{[v.name for g, v in pairs if g is None]} when minimizing the loss.",
+                          stacklevel=2)
+        self._clip()                 # a conflicting clip setting raises here, before any state exists
+        lr = self._step_lr()         # evaluated once per step, before any state exists
+        if not self.built:
+            self.build([v for _, v in pairs])
+        order = sorted(given, key=lambda gv: self._index[id(gv[1])])
+        indices = tuple(self._index[id(v)] for _, v in order)
+        prepared = self._prepare(indices)
+        spec, module, args, buffers, verified = prepared
+        hyper = self._constants(spec, lr)
+        for (grad, _), i in zip(order, indices):
+            self._grad_buffers[i].write(grad)
+        self._hyper.write(hyper)
+        if module is None:
+            self._run_eager(spec, buffers)
+        else:
+            results = module(args)
+            if not verified:
+                self._verify_in_place(module, results, buffers, spec)
+                prepared[4] = True
+        self._iterations += 1
+        return self.iterations
+
+    def _verify_in_place(self, module, results, buffers, spec):
+        state = [buffers[i].buffer for i in spec.donated]
+        if module.result_buffers(results) != state:
+            raise RuntimeError("the compiled step did not update its state in place; this IREE build does "
+                               "not honour buffer donation (please report it)")
+
+    def _run_eager(self, spec, buffers):
+        """``jit_compile=False``: the same kernels op by op in JAX on the host (a debugging reference)."""
+        import jax.numpy as jnp
+
+        from ..kernels.step import flat_step
+
+        outs = flat_step(jnp, spec)(*[jnp.asarray(b.host) for b in buffers])
+        for i, out in zip(spec.donated, outs):
+            buffers[i].write(np.asarray(out))
+
+    # ------------------------------------------------------------------ EMA, config, state I/O
+    def finalize_variable_values(self, var_list):
+        """Assign each variable its moving average (only with ``use_ema``)."""
+        var_list = list(var_list)
+        if not self.use_ema or not self.built:
+            return
+        unknown = [getattr(v, "name", v) for v in var_list if id(v) not in self._index]
+        if unknown:
+            raise ValueError(f"finalize_variable_values: unknown variable(s) {unknown}")
+        for var in var_list:
+            var.assign(self._averages[self._index[id(var)]].numpy())
+
+    def get_config(self):
+        lr = self._learning_rate
+        if isinstance(lr, schedules.LearningRateSchedule):
+            lr = schedules.serialize(lr)
+        elif not callable(lr):
+            lr = float(lr)
+        config = {"name": self.name, "weight_decay": self.weight_decay, "clipnorm": self.clipnorm,
+                  "global_clipnorm": self.global_clipnorm, "clipvalue": self.clipvalue,
+                  "use_ema": self.use_ema, "ema_momentum": self.ema_momentum,
+                  "ema_overwrite_frequency": self.ema_overwrite_frequency, "jit_compile": self.jit_compile,
+                  "is_legacy_optimizer": self._legacy, "learning_rate": lr}
+        config.update({k: getattr(self, k) for k in self._hyper})
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**dict(config))
+
+    def save_own_variables(self, store):
+        """``store[str(i)] = value`` for each of ``self.variables``."""
+        for i, var in enumerate(self.variables):
+            store[str(i)] = var.numpy()
+
+    def load_own_variables(self, store):
+        """Restore from ``save_own_variables``; a store of the wrong size or shapes raises
+        and leaves the optimizer unchanged."""
+        variables = self.variables
+        keys = list(store.keys())
+        if len(keys) != len(variables):
+            hint = "" if self.built else " (build the optimizer with its variables first)"
+            raise ValueError(f"{self.name}: the store holds {len(keys)} values but this optimizer has "
+                             f"{len(variables)} variables{hint}")
+        values = []
+        for i, var in enumerate(variables):
+            if str(i) not in store:
+                raise ValueError(f"{self.name}: the store has no entry {str(i)!r} (for {var.name!r})")
+            value = np.asarray(store[str(i)])
+            if value.shape != tuple(var.shape):
+                raise ValueError(f"{self.name}: stored value {i} for {var.name!r} has shape {value.shape}, "
+                                 f"expected {tuple(var.shape)}")
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"{self.name}: stored value {i} for {var.name!r} has dtype {value.dtype}")
+            values.append(value)
+        it = values[0]
+        if it != np.floor(it) or it < 0:
+            raise ValueError(f"{self.name}: stored iteration {it} is not a non-negative integer")
+        for var, value in zip(variables, values):
+            var.assign(value)
+
+    def __repr__(self):
+        return f"<ireeopt.{type(self).__name__} name={self.name!r} iterations={self._iterations}>"
+
