@@ -16,4 +16,6 @@ def update(avg, var, c):
 
 
 def overwrite(xp, var, avg, c):
-    return xp.where(c["ema_overwrite"] > 0, avg, var)
+    # The flag is broadcast first so the select stays elementwise inside the fused update;
+    # a scalar predicate makes IREE branch on the host (a readback every step).
+    return xp.where(xp.broadcast_to(c["ema_overwrite"], var.shape) > 0, avg, var)

@@ -53,7 +53,7 @@ class Optimizer:
     """Base class of ``Adam``, ``AdamW`` and ``Adamax``; see those for the update rules."""
 
     _kind = None            # kernel name in kernels.step.OPTIMIZERS
-    _hyper = ()             # per-class hyperparameter names, in get_config order
+    _config_keys = ()             # per-class hyperparameter names, in get_config order
     _legacy = False
 
     def __init__(self, learning_rate, weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
@@ -233,7 +233,7 @@ class Optimizer:
         grads = [device.allocate(v.shape, v.dtype) for v in var_list]
         hyper = device.allocate((len(self._empty_spec().scalars),), "float32")
         self._vars, self._index = var_list, {id(v): i for i, v in enumerate(var_list)}
-        self._slots, self._averages, self._grad_buffers, self._hyper = slots, averages, grads, hyper
+        self._slots, self._averages, self._grad_buffers, self._hyper_buffer = slots, averages, grads, hyper
         self._device, self._prepared = device, {}
         self._decay_excluded = [self._excluded(v) for v in var_list]
         self.built = True
@@ -283,7 +283,7 @@ class Optimizer:
             for k in spec.slot_names:
                 buffers += [self._slots[k][i]._buffer for i in indices]
             buffers += [self._averages[i]._buffer for i in indices] if self.use_ema else []
-            buffers.append(self._hyper)
+            buffers.append(self._hyper_buffer)
             module = step_module(spec, self._device) if self.jit_compile else None
             args = module.arguments(buffers) if module else None
             self._prepared[key] = [spec, module, args, buffers, False]
@@ -343,7 +343,7 @@ class Optimizer:
         hyper = self._constants(spec, lr)
         for (grad, _), i in zip(order, indices):
             self._grad_buffers[i].write(grad)
-        self._hyper.write(hyper)
+        self._hyper_buffer.write(hyper)
         if module is None:
             self._run_eager(spec, buffers)
         else:
@@ -393,7 +393,7 @@ class Optimizer:
                   "use_ema": self.use_ema, "ema_momentum": self.ema_momentum,
                   "ema_overwrite_frequency": self.ema_overwrite_frequency, "jit_compile": self.jit_compile,
                   "is_legacy_optimizer": self._legacy, "learning_rate": lr}
-        config.update({k: getattr(self, k) for k in self._hyper})
+        config.update({k: getattr(self, k) for k in self._config_keys})
         return config
 
     @classmethod

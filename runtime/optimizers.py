@@ -21,7 +21,7 @@ class Adam(Optimizer):
     paper's Algorithm 1 exactly.  ``amsgrad`` keeps the running maximum ``vhat`` of ``v``."""
 
     _kind = "adam"
-    _hyper = ("beta_1", "beta_2", "epsilon", "amsgrad", "adaptive_epsilon")
+    _config_keys = ("beta_1", "beta_2", "epsilon", "amsgrad", "adaptive_epsilon")
 
     def __init__(self, learning_rate=_DEFAULT_LR, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
                  weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None, use_ema=False,
@@ -62,7 +62,7 @@ class Adamax(Optimizer):
     ``learning_rate``; giving both is an error) and ``decay`` (inverse-time decay of the rate)."""
 
     _kind = "adamax"
-    _hyper = ("beta_1", "beta_2", "epsilon", "decay")
+    _config_keys = ("beta_1", "beta_2", "epsilon", "decay")
     _legacy = True
 
     def __init__(self, learning_rate=None, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=None,

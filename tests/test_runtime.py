@@ -1,0 +1,134 @@
+"""In-place device state, no per-step allocation, one module call per step, JAX-free
+import, and the on-disk compile cache shared between processes."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import ireeopt
+from ireeopt.runtime import cache
+from ireeopt.runtime.device import Device
+from ireeopt.runtime.module import StepModule
+
+
+def _model(n=3, device="local-sync"):
+    rng = np.random.default_rng(0)
+    return [ireeopt.Variable(rng.standard_normal((64, 8)).astype(np.float32), name=f"w{i}", device=device)
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("kwargs,n_state", [({"amsgrad": True, "clipnorm": 1.0, "weight_decay": 0.1}, 4),
+                                             ({"use_ema": True, "ema_overwrite_frequency": 2}, 4)])
+def test_state_is_updated_in_place_and_nothing_is_allocated_per_step(kwargs, n_state):
+    """Allocator statistics on local-sync count every device allocation, transient ones too.
+    (EMA combined with amsgrad or clipping, and global_clipnorm over several variables, still
+    use one transient buffer inside the step; see README, Performance notes.)"""
+    variables = _model()
+    opt = ireeopt.Adam(**kwargs)
+    grads = [np.full((64, 8), 0.1, np.float32) for _ in variables]
+    opt.apply_gradients(zip(grads, variables))
+    (spec, module, args, buffers, _), = opt._prepared.values()
+    state = [buffers[i].buffer for i in spec.donated]
+    assert len(state) == len(variables) * n_state
+    allocator = Device.get("local-sync").hal_device.allocator
+    assert allocator.has_statistics
+    before = allocator.statistics["device_bytes_allocated"]
+    for _ in range(20):
+        opt.apply_gradients(zip(grads, variables))
+    assert allocator.statistics["device_bytes_allocated"] == before
+    # every result of a direct call is the very buffer that was passed in
+    results = module(args)
+    assert module.result_buffers(results) == state
+    # the variables' buffers are the ones the module updated
+    assert [v._buffer.buffer for v in variables] == state[:len(variables)]
+
+
+def test_one_module_call_per_step(monkeypatch):
+    calls = []
+    original = StepModule.__call__
+    monkeypatch.setattr(StepModule, "__call__", lambda self, args: calls.append(1) or original(self, args))
+    variables = _model(5)
+    opt = ireeopt.AdamW(use_ema=True)
+    for _ in range(4):
+        opt.apply_gradients((np.ones((64, 8), np.float32), v) for v in variables)
+    assert len(calls) == 4
+
+
+def test_import_does_not_import_jax():
+    code = "import sys, ireeopt; assert 'jax' not in sys.modules; assert 'iree.compiler' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    if sys.argv[1] == "blocked":
+        sys.modules["jax"] = None            # any import of jax now raises ImportError
+        sys.modules["iree.compiler"] = None
+    import ireeopt
+    w = ireeopt.Variable(np.arange(12, dtype=np.float32).reshape(3, 4), name="w")
+    b = ireeopt.Variable(np.ones(4, np.float32), name="b")
+    opt = ireeopt.AdamW(learning_rate=0.1, amsgrad=True)
+    for step in range(3):
+        opt.apply_gradients([(np.full((3, 4), step + 1.0, np.float32), w), (np.full(4, -1.0, np.float32), b)])
+    np.save(sys.argv[2], np.concatenate([w.numpy().ravel(), b.numpy()]))
+    print("jax" in sys.modules and sys.modules["jax"] is not None)
+""")
+
+
+def test_second_process_uses_the_disk_cache_without_jax(tmp_path):
+    env = dict(os.environ, IREEOPT_CACHE_DIR=str(tmp_path / "cache"))
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    first = subprocess.run([sys.executable, str(script), "normal", str(tmp_path / "a.npy")], env=env,
+                           capture_output=True, text=True, check=True)
+    assert first.stdout.strip() == "True"                   # the first process compiled with jax
+    assert len(list((tmp_path / "cache").glob("*.vmfb"))) == 1
+    second = subprocess.run([sys.executable, str(script), "blocked", str(tmp_path / "b.npy")], env=env,
+                            capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "False"
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def test_cache_key_depends_on_structure():
+    from ireeopt.kernels.step import StepSpec, VarSpec
+    a = StepSpec("adam", (VarSpec((3,), "float32"),), (False,))
+    assert cache.cache_key(a, "llvm-cpu") == cache.cache_key(StepSpec("adam", (VarSpec((3,), "float32"),), (False,)),
+                                                             "llvm-cpu")
+    for other in (StepSpec("adam", (VarSpec((4,), "float32"),), (False,)),
+                  StepSpec("adam", (VarSpec((3,), "float32"),), (True,)),
+                  StepSpec("adam", (VarSpec((3,), "float32"),), (False,), amsgrad=True),
+                  StepSpec("adamax", (VarSpec((3,), "float32"),), (False,)),
+                  StepSpec("adam", (VarSpec((3,), "bfloat16"),), (False,))):
+        assert cache.cache_key(other, "llvm-cpu") != cache.cache_key(a, "llvm-cpu")
+
+
+@pytest.mark.parametrize("device", ["cpu", "local-task", "local-sync"])
+def test_devices_agree(device):
+    results = []
+    for dev in ("local-sync", device):
+        variables = _model(2, device=dev)
+        opt = ireeopt.Adam(learning_rate=0.01)
+        for step in range(3):
+            opt.apply_gradients((np.full((64, 8), step - 1.0, np.float32), v) for v in variables)
+        results.append([v.numpy() for v in variables])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_variable_api():
+    v = ireeopt.Variable([1.0, 2.0], name="v")
+    assert v.dtype == "float32" and v.shape == (2,) and v.device == "cpu" and v.name == "v"
+    v.assign(np.array([3, 4]))
+    np.testing.assert_array_equal(v.numpy(), [3, 4])
+    with pytest.raises(ValueError, match="shape"):
+        v.assign([1.0, 2.0, 3.0])
+    with pytest.raises(TypeError, match="float64"):
+        ireeopt.Variable(np.zeros(3))
+    with pytest.raises(ValueError, match="device"):
+        ireeopt.Variable([1.0], device="tpu")
+    assert ireeopt.Variable(np.zeros(2, np.float16)).dtype == "float16"
+    assert ireeopt.Variable(np.zeros(2), dtype="bfloat16").dtype == "bfloat16"
