@@ -119,7 +119,11 @@ class Optimizer:
 
     @property
     def learning_rate(self):
-        """The float32 rate, or the schedule/callable the optimizer was given."""
+        """The float32 rate the next step uses (for a schedule: its value at ``iterations``,
+        as Keras reads it); a callable learning rate reads as the callable itself, since
+        calling it may have side effects.  ``get_config()`` holds the schedule."""
+        if isinstance(self._learning_rate, schedules.LearningRateSchedule):
+            return self._learning_rate(self._iterations)
         return self._learning_rate
 
     @learning_rate.setter
