@@ -3,14 +3,14 @@ from .targets import target_flags
 from .trace import lower_step
 
 
-def compile_mlir(text, target):
-    """Compile StableHLO ``text`` for ``target``; returns the .vmfb bytes."""
+def compile_mlir(text, flags):
+    """Compile StableHLO ``text`` with iree-compile ``flags``; returns the .vmfb bytes."""
     import iree.compiler as ic
 
-    return ic.compile_str(text, input_type="stablehlo", extra_args=target_flags(target))
+    return ic.compile_str(text, input_type="stablehlo", extra_args=list(flags))
 
 
 def compile_step(spec, target):
     """``(vmfb bytes, stablehlo text)`` of the step described by ``spec``."""
     text = lower_step(spec)
-    return compile_mlir(text, target), text
+    return compile_mlir(text, target_flags(target, spec)), text

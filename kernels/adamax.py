@@ -11,7 +11,7 @@ With the backward-compatible ``decay``: ``lr_t = lr / (1 + decay * iterations)``
 from .numerics import f32, power
 
 SLOTS = ("m", "u")
-CONSTANTS = ("current_lr", "eps", "one_minus_b1", "beta_2")
+CONSTANTS = ("current_lr", "eps", "one_minus_b1", "beta_1", "beta_2")
 
 
 def decayed_lr(learning_rate, decay, iterations):
@@ -28,7 +28,7 @@ def constants(learning_rate, beta_1, beta_2, epsilon, iterations):
     one = f32(1)
     b1p = power(beta_1, iterations + 1)
     return {"current_lr": f32(learning_rate) / (one - b1p), "eps": f32(epsilon),
-            "one_minus_b1": one - f32(beta_1), "beta_2": f32(beta_2)}
+            "one_minus_b1": one - f32(beta_1), "beta_1": f32(beta_1), "beta_2": f32(beta_2)}
 
 
 def update(xp, var, grad, slots, c):

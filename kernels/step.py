@@ -8,8 +8,12 @@ Everything users may change between steps travels in one float32 vector
 
 Flat layout of the compiled function (``spec.arguments``)::
 
-    params[k], grads[k], <slot kind>[k] for each slot kind, ema[k] (if use_ema), hyper
-    -> params[k], <slot kind>[k]..., ema[k]
+    params[k], <gradient of each variable>, <slot kind>[k] for each slot kind,
+    ema[k] (if use_ema), hyper  ->  params[k], <slot kind>[k]..., ema[k]
+
+A dense gradient is one argument ("grads", the variable's shape and dtype).  A sparse
+one (``VarSpec.sparse = K``, a bucket size) is four: "values" [K, *row shape],
+"segments" [K] int32, "indices" [K] int32 and "count" int32 (see kernels/sparse.py).
 
 Every state argument is donated: output ``i`` is written into the buffer of
 argument ``spec.donated[i]``.
@@ -18,7 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from . import adam, adamax, clipping, ema, weight_decay
+from . import adam, adamax, clipping, ema, sparse, weight_decay
 
 OPTIMIZERS = {"adam": adam, "adamax": adamax}
 COMMON_SCALARS = ("lr", "wd", "clip") + ("ema_momentum", "ema_one_minus", "ema_overwrite")
@@ -35,6 +39,15 @@ def slot_dtype(dtype):
 class VarSpec:
     shape: tuple
     dtype: str
+    sparse: int = None             # bucket size K of a sparse (IndexedSlices) gradient, or None
+
+    def gradient_arguments(self):
+        """``[(kind, shape, dtype)]`` of this variable's gradient inputs."""
+        if self.sparse is None:
+            return [("grads", self.shape, self.dtype)]
+        k = self.sparse
+        return [("values", (k,) + tuple(self.shape[1:]), self.dtype), ("segments", (k,), "int32"),
+                ("indices", (k,), "int32"), ("count", (), "int32")]
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,8 @@ class StepSpec:
         if len(self.decay) != len(self.variables):
             raise ValueError("decay mask and variables differ in length")
         for v in self.variables:
+            if v.sparse is not None and not v.shape:
+                raise ValueError("a sparse gradient needs a variable of rank >= 1")
             if v.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"unsupported variable dtype {v.dtype}; supported: {SUPPORTED_DTYPES}")
 
@@ -75,10 +90,11 @@ class StepSpec:
 
     def arguments(self):
         """``[(kind, variable index, shape, dtype)]`` of the flat signature."""
-        args = []
-        for kind in ("params", "grads") + self.state_names[1:]:
-            dtype_of = (lambda v: v.dtype) if kind in ("params", "grads") else (lambda v: slot_dtype(v.dtype))
-            args += [(kind, i, v.shape, dtype_of(v)) for i, v in enumerate(self.variables)]
+        args = [("params", i, v.shape, v.dtype) for i, v in enumerate(self.variables)]
+        for i, v in enumerate(self.variables):
+            args += [(kind, i, shape, dtype) for kind, shape, dtype in v.gradient_arguments()]
+        for kind in self.state_names[1:]:
+            args += [(kind, i, v.shape, slot_dtype(v.dtype)) for i, v in enumerate(self.variables)]
         return args + [("hyper", None, (len(self.scalars),), "float32")]
 
     def results(self):
@@ -92,11 +108,13 @@ class StepSpec:
     def to_json(self):
         return {"optimizer": self.optimizer, "clip": self.clip, "amsgrad": self.amsgrad,
                 "use_ema": self.use_ema, "decay": list(self.decay),
-                "variables": [{"shape": list(v.shape), "dtype": v.dtype} for v in self.variables]}
+                "variables": [{"shape": list(v.shape), "dtype": v.dtype, "sparse": v.sparse}
+                              for v in self.variables]}
 
     @classmethod
     def from_json(cls, d):
-        return cls(d["optimizer"], tuple(VarSpec(tuple(v["shape"]), v["dtype"]) for v in d["variables"]),
+        return cls(d["optimizer"], tuple(VarSpec(tuple(v["shape"]), v["dtype"], v.get("sparse"))
+                                         for v in d["variables"]),
                    tuple(d["decay"]), d["clip"], d["amsgrad"], d["use_ema"])
 
     def digest(self):
@@ -104,20 +122,35 @@ class StepSpec:
 
 
 def step(xp, spec, params, grads, slots, averages, hyper):
-    """The whole-model step in spec §1 order: clip, weight decay, update, EMA.
+    """The whole-model step in spec §1 order: clip, sum duplicates, weight decay, update, EMA.
 
-    ``slots`` maps slot kind -> list per variable; ``hyper`` is indexable by the
-    position of each name in ``spec.scalars``.  Returns (params, slots, averages).
+    ``grads[i]`` is an array (dense) or a dict with "values", "segments", "indices",
+    "count" (sparse); ``slots`` maps slot kind -> list per variable; ``hyper`` is indexable
+    by the position of each name in ``spec.scalars``.  Returns (params, slots, averages).
     """
     c = {name: hyper[i] for i, name in enumerate(spec.scalars)}
     f32 = "float32"
-    grads = clipping.clip(xp, spec.clip, [g.astype(f32) for g in grads], c["clip"])
+    raw = [g["values"] if v.sparse is not None else g for g, v in zip(grads, spec.variables)]
+    clipped = clipping.clip(xp, spec.clip, [g.astype(f32) for g in raw], c["clip"])
     new_params, new_slots, new_avgs = [], {k: [] for k in spec.slot_names}, []
     for i, v in enumerate(spec.variables):
-        p = params[i].astype(f32)
-        if spec.decay[i]:
-            p = weight_decay.apply(p, c["wd"], c["lr"])
-        p, s = spec.kernel.update(xp, p, grads[i], {k: slots[k][i] for k in spec.slot_names}, c)
+        var_slots = {k: slots[k][i] for k in spec.slot_names}
+        if v.sparse is None:
+            p = params[i].astype(f32)
+            if spec.decay[i]:
+                p = weight_decay.apply(p, c["wd"], c["lr"])
+            p, s = spec.kernel.update(xp, p, clipped[i], var_slots, c)
+        else:
+            g = grads[i]
+            rows = sparse.segment_sum(xp, clipped[i], g["segments"], g["count"])
+            if spec.optimizer == "adamax":
+                decay = (c["wd"], c["lr"]) if spec.decay[i] else None
+                p, s = sparse.adamax_lazy(xp, params[i], rows, g["indices"], g["count"], var_slots, c, decay)
+            else:
+                p = params[i].astype(f32)
+                if spec.decay[i]:
+                    p = weight_decay.apply(p, c["wd"], c["lr"])
+                p, s = sparse.adam_dense_equivalent(xp, p, rows, g["indices"], g["count"], var_slots, c)
         p = p.astype(v.dtype)
         if spec.use_ema:
             avg = ema.update(averages[i], p.astype(slot_dtype(v.dtype)), c)
@@ -131,14 +164,19 @@ def step(xp, spec, params, grads, slots, averages, hyper):
 
 def flat_step(xp, spec):
     """``step`` over the flat argument list of ``spec.arguments()``."""
-    n = len(spec.variables)
+    layout = spec.arguments()
 
     def fn(*args):
-        params, grads = list(args[:n]), list(args[n:2 * n])
-        rest = args[2 * n:]
-        slots = {k: list(rest[j * n:(j + 1) * n]) for j, k in enumerate(spec.slot_names)}
-        averages = list(rest[len(spec.slot_names) * n:len(spec.slot_names) * n + (n if spec.use_ema else 0)])
-        p, s, a = step(xp, spec, params, grads, slots, averages, args[-1])
+        named = {}
+        for (kind, i, _, _), value in zip(layout, args):
+            named.setdefault(kind, {})[i] = value
+        n = len(spec.variables)
+        grads = [named["grads"][i] if v.sparse is None else
+                 {k: named[k][i] for k in ("values", "segments", "indices", "count")}
+                 for i, v in enumerate(spec.variables)]
+        slots = {k: [named[k][i] for i in range(n)] for k in spec.slot_names}
+        averages = [named["ema"][i] for i in range(n)] if spec.use_ema else []
+        p, s, a = step(xp, spec, [named["params"][i] for i in range(n)], grads, slots, averages, args[-1])
         out = list(p)
         for k in spec.slot_names:
             out += s[k]

@@ -1,8 +1,9 @@
 """Compiled-step cache: in memory per device, and on disk across processes.
 
 The disk key covers everything a module depends on: the step structure
-(optimizer kind, variable shapes/dtypes, which variables get gradients, clip
-mode, amsgrad, EMA, weight-decay mask), the target and its flags, the host CPU
+(optimizer kind, variable shapes/dtypes, which variables get gradients and which
+of them sparsely in which bucket, clip mode, amsgrad, EMA, weight-decay mask),
+the target and its exact iree-compile flags, the host CPU
 (``-target-cpu=host``), the IREE version, and a hash of the kernel sources.
 Set ``IREEOPT_CACHE_DIR`` to move it (default ``~/.cache/ireeopt``).
 """
@@ -18,6 +19,7 @@ import tempfile
 import threading
 import time
 
+from ..compiler.targets import target_flags
 from .module import StepModule
 
 _memory = {}
@@ -51,7 +53,7 @@ _STATIC = {}
 def cache_key(spec, target):
     if not _STATIC:
         _STATIC.update(kernels=_kernel_sources_hash(), cpu=_host_cpu(), iree=iree_version())
-    key = {"spec": spec.to_json(), "target": target, **_STATIC}
+    key = {"spec": spec.to_json(), "target": target, "flags": target_flags(target, spec), **_STATIC}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -16,7 +16,7 @@ from ..kernels import schedules
 from ..kernels.step import StepSpec, VarSpec, slot_dtype
 from .cache import step_module
 from .device import numpy_dtype
-from .sparse import IndexedSlices
+from . import sparse
 from .variable import Variable
 
 CLIP_SETTINGS = ("clipnorm", "global_clipnorm", "clipvalue")
@@ -234,16 +234,16 @@ class Optimizer:
         averages = [Variable(v.numpy().astype(numpy_dtype(slot_dtype(v.dtype))), name=f"{v.name}/average",
                              device=v.device) for v in var_list] if self.use_ema else []
         device = var_list[0]._device
-        grads = [device.allocate(v.shape, v.dtype) for v in var_list]
         hyper = device.allocate((len(self._empty_spec().scalars),), "float32")
         self._vars, self._index = var_list, {id(v): i for i, v in enumerate(var_list)}
-        self._slots, self._averages, self._grad_buffers, self._hyper_buffer = slots, averages, grads, hyper
+        self._slots, self._averages, self._hyper_buffer = slots, averages, hyper
+        self._grad_buffers = {}      # (variable index, None | bucket) -> staging buffer(s), made once
         self._device, self._prepared = device, {}
         self._decay_excluded = [self._excluded(v) for v in var_list]
         self.built = True
         if self.jit_compile:
             try:
-                self._prepare(tuple(range(len(var_list))))
+                self._prepare(tuple(range(len(var_list))), (None,) * len(var_list))
             except BaseException:
                 self.built = False
                 raise
@@ -256,8 +256,8 @@ class Optimizer:
                              f"{' and '.join(k for k, _ in active)}")
         return active[0] if active else (None, 0.0)
 
-    def _spec_for(self, indices):
-        variables = tuple(VarSpec(self._vars[i].shape, self._vars[i].dtype) for i in indices)
+    def _spec_for(self, indices, buckets):
+        variables = tuple(VarSpec(self._vars[i].shape, self._vars[i].dtype, b) for i, b in zip(indices, buckets))
         decay = tuple(bool(self.weight_decay) and not self._decay_excluded[i] for i in indices)
         return StepSpec(self._kind, variables, decay, self._clip()[0], getattr(self, "amsgrad", False),
                         self.use_ema)
@@ -278,19 +278,31 @@ class Optimizer:
         return np.array([c[k] for k in spec.scalars], np.float32)
 
     # ------------------------------------------------------------------ the step
-    def _prepare(self, indices):
-        """(spec, module or None, VM argument list, buffers) for the step updating ``indices``."""
-        spec = self._spec_for(indices)
+    def _gradient_buffers(self, i, var_spec):
+        """The persistent staging buffers of variable ``i``'s gradient (one per sparse bucket)."""
+        key = (i, var_spec.sparse)
+        if key not in self._grad_buffers:
+            self._grad_buffers[key] = {kind: self._device.allocate(shape, dtype)
+                                       for kind, shape, dtype in var_spec.gradient_arguments()}
+        return self._grad_buffers[key]
+
+    def _prepare(self, indices, buckets):
+        """[spec, module or None, VM argument list, buffers, gradient buffers, verified] for the
+        step updating ``indices`` (with sparse ``buckets``, None for dense)."""
+        spec = self._spec_for(indices, buckets)
         key = (indices, spec)
         if key not in self._prepared:
-            buffers = [self._vars[i]._buffer for i in indices] + [self._grad_buffers[i] for i in indices]
+            grad_buffers = [self._gradient_buffers(i, v) for i, v in zip(indices, spec.variables)]
+            buffers = [self._vars[i]._buffer for i in indices]
+            for g in grad_buffers:
+                buffers += list(g.values())
             for k in spec.slot_names:
                 buffers += [self._slots[k][i]._buffer for i in indices]
             buffers += [self._averages[i]._buffer for i in indices] if self.use_ema else []
             buffers.append(self._hyper_buffer)
             module = step_module(spec, self._device) if self.jit_compile else None
             args = module.arguments(buffers) if module else None
-            self._prepared[key] = [spec, module, args, buffers, False]
+            self._prepared[key] = [spec, module, args, buffers, grad_buffers, False]
         return self._prepared[key]
 
     def _validate_pairs(self, grads_and_vars):
@@ -312,9 +324,9 @@ class Optimizer:
             if grad is None:
                 checked.append((None, var))
                 continue
-            if isinstance(grad, IndexedSlices):
-                raise NotImplementedError(f"sparse gradients (IndexedSlices) for {var.name!r} are not "
-                                          "supported yet")
+            if isinstance(grad, sparse.IndexedSlices):
+                checked.append((sparse.prepare(grad, var), var))
+                continue
             value = grad.numpy() if isinstance(grad, Variable) else np.asarray(grad)
             if value.dtype.kind not in "fiu":
                 raise TypeError(f"gradient for {var.name!r} has dtype {value.dtype}; expected a real number type")
@@ -342,11 +354,14 @@ class Optimizer:
             self.build([v for _, v in pairs])
         order = sorted(given, key=lambda gv: self._index[id(gv[1])])
         indices = tuple(self._index[id(v)] for _, v in order)
-        prepared = self._prepare(indices)
-        spec, module, args, buffers, verified = prepared
+        buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
+        prepared = self._prepare(indices, buckets)
+        spec, module, args, buffers, grad_buffers, verified = prepared
         hyper = self._constants(spec, lr)
-        for (grad, _), i in zip(order, indices):
-            self._grad_buffers[i].write(grad)
+        for (grad, _), staging in zip(order, grad_buffers):
+            arrays = grad.arrays() if isinstance(grad, sparse.SparseGradient) else {"grads": grad}
+            for kind, array in arrays.items():
+                staging[kind].write(array)
         self._hyper_buffer.write(hyper)
         if module is None:
             self._run_eager(spec, buffers)
@@ -354,7 +369,7 @@ class Optimizer:
             results = module(args)
             if not verified:
                 self._verify_in_place(module, results, buffers, spec)
-                prepared[4] = True
+                prepared[5] = True
         self._iterations += 1
         return self.iterations
 

@@ -102,11 +102,30 @@ class Reference:
         return float(lr)
 
     def step(self, grads):
-        """``grads``: list with one array (or None) per variable."""
+        """``grads``: one entry per variable: an array, None, or ``("sparse", values, indices)``."""
         lr = self.current_lr()
+        sparse = {i: g for i, g in enumerate(grads) if isinstance(g, tuple)}
         idx = [i for i, g in enumerate(grads) if g is not None]
         # a gradient has its variable's dtype (as in Keras); the math is then float32/float64
-        g = {i: self._round(np.asarray(grads[i], np.float64), self.dtypes[i]) for i in idx}
+        raw = {i: self._round(np.asarray(sparse[i][1] if i in sparse else grads[i], np.float64), self.dtypes[i])
+               for i in idx}
+        g = self._clip(raw)
+        t = self.iterations + 1
+        for i, gi in g.items():
+            if i in sparse and self.kind == "adamax":
+                self._lazy_adamax(i, gi, np.asarray(sparse[i][2]), lr, t)
+                continue
+            if i in sparse:             # Adam: dense-equivalent; duplicates summed after clipping
+                dense = np.zeros_like(self.p[i])
+                np.add.at(dense, np.asarray(sparse[i][2]), gi)
+                gi = dense
+            self._dense_update(i, gi, lr, t)
+        if self.use_ema and self.freq and (self.iterations + 1) % self.freq == 0:
+            for i in g:
+                self.p[i] = self._round(self.avg[i], self.dtypes[i])
+        self.iterations += 1
+
+    def _clip(self, g):
         if self.clipnorm:
             c = self.clipnorm
             g = {i: x * c / max(np.sqrt(np.sum(x * x)), c) for i, x in g.items()}
@@ -116,29 +135,44 @@ class Reference:
             g = {i: x * (c / max(n, c)) for i, x in g.items()}
         if self.clipvalue:
             g = {i: np.clip(x, -self.clipvalue, self.clipvalue) for i, x in g.items()}
-        t = self.iterations + 1
-        for i, gi in g.items():
-            p = self.p[i]
-            if self.wd and not self.excluded[i]:
-                p = p - p * self.wd * lr
-            if self.kind in ("adam", "adamw"):
-                self.m[i] = self.m[i] + (gi - self.m[i]) * (1 - self.b1)
-                self.v[i] = self.v[i] + (gi * gi - self.v[i]) * (1 - self.b2)
-                v_used = self.v[i]
-                if self.amsgrad:
-                    self.vhat[i] = np.maximum(self.vhat[i], self.v[i])
-                    v_used = self.vhat[i]
-                alpha = lr * math.sqrt(1 - self.b2 ** t) / (1 - self.b1 ** t)
-                eps = self.eps * math.sqrt(1 - self.b2 ** t) if self.adaptive_epsilon else self.eps
-                p = p - self.m[i] * alpha / (np.sqrt(v_used) + eps)
-            else:
-                self.m[i] = self.m[i] + (gi - self.m[i]) * (1 - self.b1)
-                self.v[i] = np.maximum(self.b2 * self.v[i], np.abs(gi))
-                p = p - lr / (1 - self.b1 ** t) * self.m[i] / (self.v[i] + self.eps)
-            self.p[i] = self._round(p, self.dtypes[i])
-            if self.use_ema:
-                self.avg[i] = self.ema_momentum * self.avg[i] + (1 - self.ema_momentum) * self.p[i]
-        if self.use_ema and self.freq and (self.iterations + 1) % self.freq == 0:
-            for i in g:
-                self.p[i] = self._round(self.avg[i], self.dtypes[i])
-        self.iterations += 1
+        return g
+
+    def _finish(self, i, p):
+        self.p[i] = self._round(p, self.dtypes[i])
+        if self.use_ema:
+            self.avg[i] = self.ema_momentum * self.avg[i] + (1 - self.ema_momentum) * self.p[i]
+
+    def _dense_update(self, i, gi, lr, t):
+        p = self.p[i]
+        if self.wd and not self.excluded[i]:
+            p = p - p * self.wd * lr
+        if self.kind in ("adam", "adamw"):
+            self.m[i] = self.m[i] + (gi - self.m[i]) * (1 - self.b1)
+            self.v[i] = self.v[i] + (gi * gi - self.v[i]) * (1 - self.b2)
+            v_used = self.v[i]
+            if self.amsgrad:
+                self.vhat[i] = np.maximum(self.vhat[i], self.v[i])
+                v_used = self.vhat[i]
+            alpha = lr * math.sqrt(1 - self.b2 ** t) / (1 - self.b1 ** t)
+            eps = self.eps * math.sqrt(1 - self.b2 ** t) if self.adaptive_epsilon else self.eps
+            p = p - self.m[i] * alpha / (np.sqrt(v_used) + eps)
+        else:
+            self.m[i] = self.m[i] + (gi - self.m[i]) * (1 - self.b1)
+            self.v[i] = np.maximum(self.b2 * self.v[i], np.abs(gi))
+            p = p - lr / (1 - self.b1 ** t) * self.m[i] / (self.v[i] + self.eps)
+        self._finish(i, p)
+
+    def _lazy_adamax(self, i, gi, indices, lr, t):
+        """Only the touched rows move (spec §4); weight decay, if any, on those rows only."""
+        rows, inverse = np.unique(indices, return_inverse=True)
+        summed = np.zeros((len(rows),) + gi.shape[1:])
+        np.add.at(summed, inverse.reshape(-1), gi)
+        p = self.p[i].copy()
+        pr = p[rows]
+        if self.wd and not self.excluded[i]:
+            pr = pr - pr * self.wd * lr
+        m = self.m[i][rows] * self.b1 + summed * (1 - self.b1)
+        u = np.maximum(self.v[i][rows] * self.b2, np.abs(summed))
+        p[rows] = pr - lr / (1 - self.b1 ** t) * m / (u + self.eps)
+        self.m[i][rows], self.v[i][rows] = m, u
+        self._finish(i, p)

@@ -135,7 +135,7 @@ def _bad_calls(variables):
         "duplicate variable": ([(good_k, k), (good_k, k)], ValueError),
         "unknown variable": ([(good_k, k), (np.ones(3, np.float32), stranger)], ValueError),
         "mixed devices": ([(good_k, k), (np.ones(3, np.float32), other_device_var)], ValueError),
-        "sparse not yet": ([(ireeopt.IndexedSlices(np.ones((1, 3)), [0], (4, 3)), k)], NotImplementedError),
+        "sparse out of range": ([(ireeopt.IndexedSlices(np.ones((1, 3)), [4], (4, 3)), k)], IndexError),
         "not pairs": ([good_k], TypeError),
     }
 
