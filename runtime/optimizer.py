@@ -49,6 +49,16 @@ class _IterationVariable:
         self._optimizer.iterations = value
 
 
+class _PreparedStep:
+    """Everything one structure of step needs, made once: the module, its VM argument
+    list over persistent buffers, and the gradient staging buffers to fill each step."""
+
+    def __init__(self, spec, module, args, buffers, grad_buffers):
+        self.spec, self.module, self.args = spec, module, args
+        self.buffers, self.grad_buffers = buffers, grad_buffers
+        self.verified = False
+
+
 class Optimizer:
     """Base class of ``Adam``, ``AdamW`` and ``Adamax``; see those for the update rules."""
 
@@ -287,8 +297,7 @@ class Optimizer:
         return self._grad_buffers[key]
 
     def _prepare(self, indices, buckets):
-        """[spec, module or None, VM argument list, buffers, gradient buffers, verified] for the
-        step updating ``indices`` (with sparse ``buckets``, None for dense)."""
+        """The ``_PreparedStep`` updating ``indices`` (with sparse ``buckets``, None for dense)."""
         spec = self._spec_for(indices, buckets)
         key = (indices, spec)
         if key not in self._prepared:
@@ -302,7 +311,7 @@ class Optimizer:
             buffers.append(self._hyper_buffer)
             module = step_module(spec, self._device) if self.jit_compile else None
             args = module.arguments(buffers) if module else None
-            self._prepared[key] = [spec, module, args, buffers, grad_buffers, False]
+            self._prepared[key] = _PreparedStep(spec, module, args, buffers, grad_buffers)
         return self._prepared[key]
 
     def _validate_pairs(self, grads_and_vars):
@@ -356,26 +365,25 @@ class Optimizer:
         indices = tuple(self._index[id(v)] for _, v in order)
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
         prepared = self._prepare(indices, buckets)
-        spec, module, args, buffers, grad_buffers, verified = prepared
-        hyper = self._constants(spec, lr)
-        for (grad, _), staging in zip(order, grad_buffers):
+        hyper = self._constants(prepared.spec, lr)
+        for (grad, _), staging in zip(order, prepared.grad_buffers):
             arrays = grad.arrays() if isinstance(grad, sparse.SparseGradient) else {"grads": grad}
             for kind, array in arrays.items():
                 staging[kind].write(array)
         self._hyper_buffer.write(hyper)
-        if module is None:
-            self._run_eager(spec, buffers)
+        if prepared.module is None:
+            self._run_eager(prepared.spec, prepared.buffers)
         else:
-            results = module(args)
-            if not verified:
-                self._verify_in_place(module, results, buffers, spec)
-                prepared[5] = True
+            results = prepared.module(prepared.args)
+            if not prepared.verified:
+                self._verify_in_place(prepared, results)
+                prepared.verified = True
         self._iterations += 1
         return self.iterations
 
-    def _verify_in_place(self, module, results, buffers, spec):
-        state = [buffers[i].buffer for i in spec.donated]
-        if module.result_buffers(results) != state:
+    def _verify_in_place(self, prepared, results):
+        state = [prepared.buffers[i].buffer for i in prepared.spec.donated]
+        if prepared.module.result_buffers(results) != state:
             raise RuntimeError("the compiled step did not update its state in place; this IREE build does "
                                "not honour buffer donation (please report it)")
 

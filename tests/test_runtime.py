@@ -30,8 +30,9 @@ def test_state_is_updated_in_place_and_nothing_is_allocated_per_step(kwargs, n_s
     opt = ireeopt.Adam(**kwargs)
     grads = [np.full((64, 8), 0.1, np.float32) for _ in variables]
     opt.apply_gradients(zip(grads, variables))
-    (spec, module, args, buffers, _), = opt._prepared.values()
-    state = [buffers[i].buffer for i in spec.donated]
+    prepared, = opt._prepared.values()
+    module, args = prepared.module, prepared.args
+    state = [prepared.buffers[i].buffer for i in prepared.spec.donated]
     assert len(state) == len(variables) * n_state
     allocator = Device.get("local-sync").hal_device.allocator
     assert allocator.has_statistics
