@@ -34,21 +34,27 @@ def _keep_if_empty(xp, count, new_rows, old_rows):
     return xp.where(xp.broadcast_to(count, new_rows.shape) > 0, new_rows, old_rows)
 
 
-def adam_dense_equivalent(xp, var, rows, indices, count, slots, c):
+def adam_dense_equivalent(xp, var, rows, indices, stale, slots, scratch, c):
     """Adam with a sparse gradient: every row of m, v decays, touched rows add the summed
-    gradient (tf_keras order ``m += -m*(1-b1); m[idx] += g*(1-b1)``), every row of ``var``
-    is updated.  Returns (var, slots)."""
-    m = slots["m"] + (-slots["m"]) * c["one_minus_b1"]
-    v = slots["v"] + (-slots["v"]) * c["one_minus_b2"]
-    m_rows, v_rows = _gather(xp, m, indices), _gather(xp, v, indices)
-    m = _scatter(m, indices, _keep_if_empty(xp, count, m_rows + rows * c["one_minus_b1"], m_rows))
-    v = _scatter(v, indices, _keep_if_empty(xp, count, v_rows + (rows * rows) * c["one_minus_b2"], v_rows))
+    gradient, every row of ``var`` is updated.  Returns (var, slots, scratch).
+
+    ``scratch`` is a persistent float32 table (donated) that holds the previous sparse
+    step's rows at ``stale`` and zeros elsewhere.  Those rows are zeroed and this step's
+    summed rows scattered in (O(k*d), in place); one fused elementwise pass then applies
+    tf_keras's order ``m += -m*(1-b1); m[idx] += g*(1-b1)`` to every row (for an untouched
+    row the added term is exactly 0).  The table is only written before it is read:
+    IREE 3.13 mishandles an in-place write after a read of a donated buffer.  Padding
+    slots repeat slot 0 (same row, same values), so no count mask is needed here.
+    """
+    g = _scatter(_scatter(scratch, stale, xp.zeros_like(rows)), indices, rows)
+    m = (slots["m"] + (-slots["m"]) * c["one_minus_b1"]) + g * c["one_minus_b1"]
+    v = (slots["v"] + (-slots["v"]) * c["one_minus_b2"]) + (g * g) * c["one_minus_b2"]
     new = {"m": m, "v": v}
     v_used = v
     if "vhat" in slots:
         v_used = new["vhat"] = xp.maximum(slots["vhat"], v)
     var = var - (m * c["alpha"]) / (xp.sqrt(v_used) + c["eps"])
-    return var, new
+    return var, new, g
 
 
 def adamax_lazy(xp, var, rows, indices, count, slots, c, decay=None):

@@ -14,6 +14,9 @@ Flat layout of the compiled function (``spec.arguments``)::
 A dense gradient is one argument ("grads", the variable's shape and dtype).  A sparse
 one (``VarSpec.sparse = K``, a bucket size) is four: "values" [K, *row shape],
 "segments" [K] int32, "indices" [K] int32 and "count" int32 (see kernels/sparse.py).
+A sparse Adam variable also has a donated float32 "scratch" table after the EMA
+averages (argument and result), and, before "hyper", a "stale" [K] int32 list of the
+rows the previous sparse step left in it.
 
 Every state argument is donated: output ``i`` is written into the buffer of
 argument ``spec.donated[i]``.
@@ -95,15 +98,25 @@ class StepSpec:
             args += [(kind, i, shape, dtype) for kind, shape, dtype in v.gradient_arguments()]
         for kind in self.state_names[1:]:
             args += [(kind, i, v.shape, slot_dtype(v.dtype)) for i, v in enumerate(self.variables)]
+        args += [("scratch", i, self.variables[i].shape, "float32") for i in self.scratch_variables]
+        args += [("stale", i, (self.variables[i].sparse,), "int32") for i in self.scratch_variables]
         return args + [("hyper", None, (len(self.scalars),), "float32")]
 
+    @property
+    def scratch_variables(self):
+        """Indices of the variables with a scratch table (sparse gradients under Adam)."""
+        if self.optimizer != "adam":
+            return []
+        return [i for i, v in enumerate(self.variables) if v.sparse is not None]
+
     def results(self):
-        return [a for a in self.arguments() if a[0] in self.state_names]
+        return [a for a in self.arguments() if a[0] in self.state_names + ("scratch",)]
 
     @property
     def donated(self):
         """Argument index aliased by each result, in result order."""
-        return [i for i, a in enumerate(self.arguments()) if a[0] in self.state_names]
+        kinds = self.state_names + ("scratch",)
+        return [i for i, a in enumerate(self.arguments()) if a[0] in kinds]
 
     def to_json(self):
         return {"optimizer": self.optimizer, "clip": self.clip, "amsgrad": self.amsgrad,
@@ -121,18 +134,19 @@ class StepSpec:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
 
-def step(xp, spec, params, grads, slots, averages, hyper):
+def step(xp, spec, params, grads, slots, averages, scratch, hyper):
     """The whole-model step in spec §1 order: clip, sum duplicates, weight decay, update, EMA.
 
     ``grads[i]`` is an array (dense) or a dict with "values", "segments", "indices",
     "count" (sparse); ``slots`` maps slot kind -> list per variable; ``hyper`` is indexable
-    by the position of each name in ``spec.scalars``.  Returns (params, slots, averages).
+    by the position of each name in ``spec.scalars``; ``scratch`` maps variable index ->
+    scratch table.  Returns (params, slots, averages, scratch).
     """
     c = {name: hyper[i] for i, name in enumerate(spec.scalars)}
     f32 = "float32"
     raw = [g["values"] if v.sparse is not None else g for g, v in zip(grads, spec.variables)]
     clipped = clipping.clip(xp, spec.clip, [g.astype(f32) for g in raw], c["clip"])
-    new_params, new_slots, new_avgs = [], {k: [] for k in spec.slot_names}, []
+    new_params, new_slots, new_avgs, new_scratch = [], {k: [] for k in spec.slot_names}, [], {}
     for i, v in enumerate(spec.variables):
         var_slots = {k: slots[k][i] for k in spec.slot_names}
         if v.sparse is None:
@@ -150,7 +164,8 @@ def step(xp, spec, params, grads, slots, averages, hyper):
                 p = params[i].astype(f32)
                 if spec.decay[i]:
                     p = weight_decay.apply(p, c["wd"], c["lr"])
-                p, s = sparse.adam_dense_equivalent(xp, p, rows, g["indices"], g["count"], var_slots, c)
+                p, s, new_scratch[i] = sparse.adam_dense_equivalent(xp, p, rows, g["indices"], g["stale"],
+                                                                    var_slots, scratch[i], c)
         p = p.astype(v.dtype)
         if spec.use_ema:
             avg = ema.update(averages[i], p.astype(slot_dtype(v.dtype)), c)
@@ -159,7 +174,7 @@ def step(xp, spec, params, grads, slots, averages, hyper):
         new_params.append(p)
         for k in spec.slot_names:
             new_slots[k].append(s[k])
-    return new_params, new_slots, new_avgs
+    return new_params, new_slots, new_avgs, new_scratch
 
 
 def flat_step(xp, spec):
@@ -172,14 +187,15 @@ def flat_step(xp, spec):
             named.setdefault(kind, {})[i] = value
         n = len(spec.variables)
         grads = [named["grads"][i] if v.sparse is None else
-                 {k: named[k][i] for k in ("values", "segments", "indices", "count")}
+                 {k: named[k][i] for k in ("values", "segments", "indices", "count", "stale") if i in named.get(k, {})}
                  for i, v in enumerate(spec.variables)]
         slots = {k: [named[k][i] for i in range(n)] for k in spec.slot_names}
         averages = [named["ema"][i] for i in range(n)] if spec.use_ema else []
-        p, s, a = step(xp, spec, [named["params"][i] for i in range(n)], grads, slots, averages, args[-1])
+        p, s, a, z = step(xp, spec, [named["params"][i] for i in range(n)], grads, slots, averages,
+                          named.get("scratch", {}), args[-1])
         out = list(p)
         for k in spec.slot_names:
             out += s[k]
-        return tuple(out + a)
+        return tuple(out + a + [z[i] for i in spec.scratch_variables])
 
     return fn

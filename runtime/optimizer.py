@@ -248,6 +248,8 @@ class Optimizer:
         self._vars, self._index = var_list, {id(v): i for i, v in enumerate(var_list)}
         self._slots, self._averages, self._hyper_buffer = slots, averages, hyper
         self._grad_buffers = {}      # (variable index, None | bucket) -> staging buffer(s), made once
+        self._scratch_buffers = {}   # variable index -> scratch table of sparse Adam, made once
+        self._scratch_rows = {}      # variable index -> rows its scratch table holds (host copy)
         self._device, self._prepared = device, {}
         self._decay_excluded = [self._excluded(v) for v in var_list]
         self.built = True
@@ -288,27 +290,58 @@ class Optimizer:
         return np.array([c[k] for k in spec.scalars], np.float32)
 
     # ------------------------------------------------------------------ the step
-    def _gradient_buffers(self, i, var_spec):
-        """The persistent staging buffers of variable ``i``'s gradient (one per sparse bucket)."""
+    def _gradient_buffers(self, i, var_spec, spec):
+        """The persistent staging buffers of variable ``i``'s gradient (one set per sparse
+        bucket), including the "stale" row list of a sparse Adam variable."""
         key = (i, var_spec.sparse)
         if key not in self._grad_buffers:
-            self._grad_buffers[key] = {kind: self._device.allocate(shape, dtype)
-                                       for kind, shape, dtype in var_spec.gradient_arguments()}
+            kinds = list(var_spec.gradient_arguments())
+            if var_spec.sparse is not None and spec.optimizer == "adam":
+                kinds.append(("stale", (var_spec.sparse,), "int32"))
+            self._grad_buffers[key] = {kind: self._device.allocate(shape, dtype) for kind, shape, dtype in kinds}
         return self._grad_buffers[key]
+
+    def _stale_rows(self, i, grad):
+        """The rows the previous sparse step left in variable ``i``'s scratch table, padded to
+        this step's bucket; if they do not fit, the table is zero-filled on the host instead."""
+        stale = self._scratch_rows.get(i, np.zeros(0, np.int32))
+        if len(stale) > grad.bucket:
+            self._scratch(i).write(np.zeros(self._vars[i].shape, np.float32))
+            stale = stale[:0]
+        padded = np.full(grad.bucket, stale[0] if len(stale) else 0, np.int32)
+        padded[:len(stale)] = stale
+        return padded
+
+    def _scratch(self, i):
+        """Variable ``i``'s float32 scratch table (sparse Adam), made once, zero-filled."""
+        if i not in self._scratch_buffers:
+            var = self._vars[i]
+            buffer = self._device.allocate(var.shape, "float32")
+            buffer.write(np.zeros(var.shape, np.float32))
+            self._scratch_buffers[i] = buffer
+        return self._scratch_buffers[i]
 
     def _prepare(self, indices, buckets):
         """The ``_PreparedStep`` updating ``indices`` (with sparse ``buckets``, None for dense)."""
         spec = self._spec_for(indices, buckets)
         key = (indices, spec)
         if key not in self._prepared:
-            grad_buffers = [self._gradient_buffers(i, v) for i, v in zip(indices, spec.variables)]
-            buffers = [self._vars[i]._buffer for i in indices]
-            for g in grad_buffers:
-                buffers += list(g.values())
-            for k in spec.slot_names:
-                buffers += [self._slots[k][i]._buffer for i in indices]
-            buffers += [self._averages[i]._buffer for i in indices] if self.use_ema else []
-            buffers.append(self._hyper_buffer)
+            grad_buffers = [self._gradient_buffers(i, v, spec) for i, v in zip(indices, spec.variables)]
+            buffers = []
+            for kind, j, _, _ in spec.arguments():
+                i = None if j is None else indices[j]
+                if kind == "params":
+                    buffers.append(self._vars[i]._buffer)
+                elif kind in spec.slot_names:
+                    buffers.append(self._slots[kind][i]._buffer)
+                elif kind == "ema":
+                    buffers.append(self._averages[i]._buffer)
+                elif kind == "scratch":
+                    buffers.append(self._scratch(i))
+                elif kind == "hyper":
+                    buffers.append(self._hyper_buffer)
+                else:
+                    buffers.append(grad_buffers[j][kind])
             module = step_module(spec, self._device) if self.jit_compile else None
             args = module.arguments(buffers) if module else None
             self._prepared[key] = _PreparedStep(spec, module, args, buffers, grad_buffers)
@@ -366,8 +399,12 @@ class Optimizer:
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
         prepared = self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)
-        for (grad, _), staging in zip(order, prepared.grad_buffers):
+        scratch_rows = {}
+        for (grad, _), i, staging in zip(order, indices, prepared.grad_buffers):
             arrays = grad.arrays() if isinstance(grad, sparse.SparseGradient) else {"grads": grad}
+            if "stale" in staging:
+                arrays["stale"] = self._stale_rows(i, grad)
+                scratch_rows[i] = grad.indices[:grad.count]
             for kind, array in arrays.items():
                 staging[kind].write(array)
         self._hyper_buffer.write(hyper)
@@ -378,6 +415,7 @@ class Optimizer:
             if not prepared.verified:
                 self._verify_in_place(prepared, results)
                 prepared.verified = True
+        self._scratch_rows.update(scratch_rows)
         self._iterations += 1
         return self.iterations
 

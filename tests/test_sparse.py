@@ -207,3 +207,15 @@ def test_sparse_gradient_for_a_scalar_variable():
     var = ireeopt.Variable(np.float32(1.0), name="s")
     with pytest.raises(ValueError, match="rank"):
         ireeopt.Adam().apply_gradients([(ireeopt.IndexedSlices(np.ones(1, np.float32), [0]), var)])
+
+
+def test_adam_scratch_rows_are_cleared_when_indices_move_and_buckets_shrink():
+    """Sparse Adam keeps last step's rows in a scratch table and clears them the next step;
+    when they outnumber the new bucket (k=40 unique rows, then k=3) the table is reset."""
+    rng = np.random.default_rng(9)
+    steps = [[ireeopt.IndexedSlices(rng.standard_normal((R, D)).astype(np.float32), rng.permutation(R))],
+             [_slices(rng, 3)], [_slices(rng, 20)], [rng.standard_normal((R, D)).astype(np.float32)],
+             [_slices(rng, 9)], [_slices(rng, 9)]]
+    opt, _ = _check_against_reference("adam", {"learning_rate": 0.05}, steps, [(R, D)])
+    scratch = opt._scratch_buffers[0].read()
+    assert set(np.nonzero(scratch.any(axis=1))[0]) <= set(steps[-1][0].indices)
