@@ -1,28 +1,19 @@
 """Sparse (IndexedSlices) updates over rows (axis 0) of a variable (spec §2, §4).
 
-The host hands the step ``values[K, ...]`` (raw gradient rows, padded with zeros to a
-bucket K), ``segments[K]`` (which unique row each value belongs to), ``indices[K]``
-(the unique row ids, padded) and ``count`` (how many unique rows are real).  The
-kernel clips the raw values (elsewhere), sums duplicates with ``segment_sum``, and
-then *replicates slot 0 into every padding slot* while the host pads ``indices``
-with ``indices[0]``: every write that lands on one row carries identical bytes, so
-the scatters can be parallel (``unique_indices``) and never go out of bounds.  An
-empty gradient (count 0) writes the rows it read back unchanged.
+The host hands the step, per sparse variable, ``rows[K, ...]`` (float32, duplicates
+already summed; ``clipvalue`` already applied to the raw values), ``indices[K]`` (the
+unique row ids), ``count`` (how many of the K slots are real) and ``sumsq`` (the
+sum of squares of the raw values, duplicates separate, for ``clipnorm`` and
+``global_clipnorm``).  Padding slots repeat slot 0 (same row id, same values): every
+write that lands on one row carries identical bytes, so every scatter can be parallel
+(``unique_indices``) and is in bounds, and the graph has no serial scatter (Mesa's
+lavapipe silently stops a shader after 65,535 loop iterations).
 
 These kernels use JAX's ``x.at[...]`` indexing, so ``xp`` must be ``jax.numpy``.
 """
 
 
-def segment_sum(xp, values, segments, count):
-    """Sum the rows of ``values`` per segment, then fill the padding slots
-    (``>= count``) with slot 0."""
-    n = values.shape[0]
-    summed = xp.zeros(values.shape, values.dtype).at[segments].add(values, mode="promise_in_bounds")
-    slot = xp.arange(n, dtype=segments.dtype)
-    return summed.at[xp.where(slot < count, slot, 0)].get(mode="promise_in_bounds")
-
-
-def _gather(xp, table, indices):
+def _gather(table, indices):
     return table.at[indices].get(mode="promise_in_bounds")
 
 
@@ -40,11 +31,11 @@ def adam_dense_equivalent(xp, var, rows, indices, stale, slots, scratch, c):
 
     ``scratch`` is a persistent float32 table (donated) that holds the previous sparse
     step's rows at ``stale`` and zeros elsewhere.  Those rows are zeroed and this step's
-    summed rows scattered in (O(k*d), in place); one fused elementwise pass then applies
+    rows scattered in (O(k*d), in place); one fused elementwise pass then applies
     tf_keras's order ``m += -m*(1-b1); m[idx] += g*(1-b1)`` to every row (for an untouched
     row the added term is exactly 0).  The table is only written before it is read:
-    IREE 3.13 mishandles an in-place write after a read of a donated buffer.  Padding
-    slots repeat slot 0 (same row, same values), so no count mask is needed here.
+    IREE 3.13 mishandles an in-place write after a read of a donated buffer.  An empty
+    gradient scatters zeros, so no count mask is needed here.
     """
     g = _scatter(_scatter(scratch, stale, xp.zeros_like(rows)), indices, rows)
     m = (slots["m"] + (-slots["m"]) * c["one_minus_b1"]) + g * c["one_minus_b1"]
@@ -64,16 +55,16 @@ def adamax_lazy(xp, var, rows, indices, count, slots, c, decay=None):
         var[idx] -= (lr/(1-b1p)) * (m_r/(u_r+epsilon))
 
     ``decay``, if given, is ``(wd, lr)``: weight decay of the touched rows only.
-    Returns (var, slots) with ``var`` in float32."""
-    p_rows = _gather(xp, var, indices).astype("float32")
-    m_rows, u_rows = _gather(xp, slots["m"], indices), _gather(xp, slots["u"], indices)
-    new_p = p_rows
+    An empty gradient (``count == 0``) writes back the rows it read."""
+    p_rows = _gather(var, indices)
+    m_rows, u_rows = _gather(slots["m"], indices), _gather(slots["u"], indices)
+    new_p = p_rows.astype("float32")
     if decay is not None:
         new_p = new_p - (new_p * decay[0]) * decay[1]
     m_new = m_rows * c["beta_1"] + rows * c["one_minus_b1"]
     u_new = xp.maximum(u_rows * c["beta_2"], xp.abs(rows))
     new_p = new_p - c["current_lr"] * (m_new / (u_new + c["eps"]))
-    new_p = _keep_if_empty(xp, count, new_p.astype(var.dtype), p_rows.astype(var.dtype))
+    new_p = _keep_if_empty(xp, count, new_p.astype(var.dtype), p_rows)
     m_new = _keep_if_empty(xp, count, m_new, m_rows)
     u_new = _keep_if_empty(xp, count, u_new, u_rows)
     return _scatter(var, indices, new_p), {"m": _scatter(slots["m"], indices, m_new),

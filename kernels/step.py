@@ -12,8 +12,8 @@ Flat layout of the compiled function (``spec.arguments``)::
     ema[k] (if use_ema), hyper  ->  params[k], <slot kind>[k]..., ema[k]
 
 A dense gradient is one argument ("grads", the variable's shape and dtype).  A sparse
-one (``VarSpec.sparse = K``, a bucket size) is four: "values" [K, *row shape],
-"segments" [K] int32, "indices" [K] int32 and "count" int32 (see kernels/sparse.py).
+one (``VarSpec.sparse = K``, a bucket size) is four: "rows" [K, *row shape] float32,
+"indices" [K] int32, "count" int32 and "sumsq" float32 (see kernels/sparse.py).
 A sparse Adam variable also has a donated float32 "scratch" table after the EMA
 averages (argument and result), and, before "hyper", a "stale" [K] int32 list of the
 rows the previous sparse step left in it.
@@ -49,8 +49,8 @@ class VarSpec:
         if self.sparse is None:
             return [("grads", self.shape, self.dtype)]
         k = self.sparse
-        return [("values", (k,) + tuple(self.shape[1:]), self.dtype), ("segments", (k,), "int32"),
-                ("indices", (k,), "int32"), ("count", (), "int32")]
+        return [("rows", (k,) + tuple(self.shape[1:]), "float32"), ("indices", (k,), "int32"),
+                ("count", (), "int32"), ("sumsq", (), "float32")]
 
 
 @dataclass(frozen=True)
@@ -135,17 +135,21 @@ class StepSpec:
 
 
 def step(xp, spec, params, grads, slots, averages, scratch, hyper):
-    """The whole-model step in spec §1 order: clip, sum duplicates, weight decay, update, EMA.
+    """The whole-model step in spec §1 order: clip, weight decay, update, EMA (a sparse
+    gradient's duplicates were summed on the host, after its clipvalue).
 
-    ``grads[i]`` is an array (dense) or a dict with "values", "segments", "indices",
-    "count" (sparse); ``slots`` maps slot kind -> list per variable; ``hyper`` is indexable
+    ``grads[i]`` is an array (dense) or a dict with "rows", "indices", "count", "sumsq"
+    (and "stale" under Adam) (sparse); ``slots`` maps slot kind -> list per variable; ``hyper`` is indexable
     by the position of each name in ``spec.scalars``; ``scratch`` maps variable index ->
     scratch table.  Returns (params, slots, averages, scratch).
     """
     c = {name: hyper[i] for i, name in enumerate(spec.scalars)}
     f32 = "float32"
-    raw = [g["values"] if v.sparse is not None else g for g, v in zip(grads, spec.variables)]
-    clipped = clipping.clip(xp, spec.clip, [g.astype(f32) for g in raw], c["clip"])
+    sparse_vars = [v.sparse is not None for v in spec.variables]
+    dense = [g["rows"] if s else g.astype(f32) for g, s in zip(grads, sparse_vars)]
+    clipped = clipping.clip(xp, spec.clip, dense, c["clip"],
+                            sumsqs=[g["sumsq"] if s else None for g, s in zip(grads, sparse_vars)],
+                            host_clipped=sparse_vars)
     new_params, new_slots, new_avgs, new_scratch = [], {k: [] for k in spec.slot_names}, [], {}
     for i, v in enumerate(spec.variables):
         var_slots = {k: slots[k][i] for k in spec.slot_names}
@@ -155,8 +159,7 @@ def step(xp, spec, params, grads, slots, averages, scratch, hyper):
                 p = weight_decay.apply(p, c["wd"], c["lr"])
             p, s = spec.kernel.update(xp, p, clipped[i], var_slots, c)
         else:
-            g = grads[i]
-            rows = sparse.segment_sum(xp, clipped[i], g["segments"], g["count"])
+            g, rows = grads[i], clipped[i]
             if spec.optimizer == "adamax":
                 decay = (c["wd"], c["lr"]) if spec.decay[i] else None
                 p, s = sparse.adamax_lazy(xp, params[i], rows, g["indices"], g["count"], var_slots, c, decay)
@@ -187,7 +190,7 @@ def flat_step(xp, spec):
             named.setdefault(kind, {})[i] = value
         n = len(spec.variables)
         grads = [named["grads"][i] if v.sparse is None else
-                 {k: named[k][i] for k in ("values", "segments", "indices", "count", "stale") if i in named.get(k, {})}
+                 {k: named[k][i] for k in ("rows", "indices", "count", "sumsq", "stale") if i in named.get(k, {})}
                  for i, v in enumerate(spec.variables)]
         slots = {k: [named[k][i] for i in range(n)] for k in spec.slot_names}
         averages = [named["ema"][i] for i in range(n)] if spec.use_ema else []

@@ -367,7 +367,7 @@ class Optimizer:
                 checked.append((None, var))
                 continue
             if isinstance(grad, sparse.IndexedSlices):
-                checked.append((sparse.prepare(grad, var), var))
+                checked.append((sparse.check(grad, var), var))
                 continue
             value = grad.numpy() if isinstance(grad, Variable) else np.asarray(grad)
             if value.dtype.kind not in "fiu":
@@ -390,11 +390,12 @@ class Optimizer:
             warnings.warn("Gradients do not exist for variables "
                           f"{[v.name for g, v in pairs if g is None]} when minimizing the loss.",
                           stacklevel=2)
-        self._clip()                 # a conflicting clip setting raises here, before any state exists
-        lr = self._step_lr()         # evaluated once per step, before any state exists
+        clip_mode, clip = self._clip()   # a conflicting clip setting raises before any state exists
+        lr = self._step_lr()              # evaluated once per step, before any state exists
         if not self.built:
             self.build([v for _, v in pairs])
-        order = sorted(given, key=lambda gv: self._index[id(gv[1])])
+        order = sorted(((sparse.reduce(*g, clip_mode, clip) if isinstance(g, tuple) else g, v) for g, v in given),
+                       key=lambda gv: self._index[id(gv[1])])
         indices = tuple(self._index[id(v)] for _, v in order)
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
         prepared = self._prepare(indices, buckets)

@@ -2,9 +2,11 @@
 
 Everything here runs on the host before any device work: indices are checked to be
 integers in ``[0, rows)`` (IREE does not drop out-of-bounds scatter indices, it writes
-them and corrupts memory), duplicates are located with ``np.unique``, and the
-arrays are padded to a power-of-two bucket so that a long run compiles only a few
-modules (one per bucket: 8, 16, 32, ... rows).
+them and corrupts memory).  Then, in spec §1 order, ``clipvalue`` is applied to the raw
+values, the squared norm of the raw values is taken (for the norm clippings, which the
+step applies), duplicates are summed (stable sort + ``np.add.reduceat``: each row's
+duplicates in order of occurrence), and the rows are padded to a power-of-two bucket
+so that a long run compiles only a few modules (8, 16, 32, ... rows).
 """
 import numpy as np
 
@@ -33,17 +35,18 @@ def bucket(k):
 class SparseGradient:
     """A validated, deduplicated and padded sparse gradient, ready for the step's buffers."""
 
-    def __init__(self, values, segments, indices, count):
-        self.values, self.segments, self.indices, self.count = values, segments, indices, count
-        self.bucket = len(segments)
+    def __init__(self, rows, indices, count, sumsq):
+        self.rows, self.indices, self.count, self.sumsq = rows, indices, count, sumsq
+        self.bucket = len(indices)
 
     def arrays(self):
-        return {"values": self.values, "segments": self.segments, "indices": self.indices,
-                "count": np.int32(self.count)}
+        return {"rows": self.rows, "indices": self.indices, "count": np.int32(self.count),
+                "sumsq": np.float32(self.sumsq)}
 
 
-def prepare(grad, var):
-    """Check ``grad`` (an IndexedSlices) against ``var`` and return a ``SparseGradient``."""
+def check(grad, var):
+    """Validate ``grad`` (an IndexedSlices) against ``var``; returns (values, indices) with
+    the values in the variable's dtype (a gradient has its variable's dtype, as in Keras)."""
     name = var.name
     if not var.shape:
         raise ValueError(f"sparse gradient for {name!r}: the variable is a scalar; rows need rank >= 1")
@@ -71,12 +74,31 @@ def prepare(grad, var):
             bad = low if low < 0 else high
             raise IndexError(f"sparse gradient for {name!r}: index {bad} is out of range for a variable with "
                              f"{rows} rows")
-    unique, segments = np.unique(indices, return_inverse=True)
-    size = bucket(k)
-    padded_values = np.zeros((size,) + tuple(var.shape[1:]), values.dtype)
-    padded_values[:k] = values
-    padded_segments = np.zeros(size, np.int32)
-    padded_segments[:k] = segments.reshape(-1)
+    return values.astype(var.numpy_dtype, copy=False), indices
+
+
+def reduce(values, indices, clip_mode, clip, bucket_of=bucket):
+    """Clip (clipvalue), measure (sum of squares), sum duplicates and pad: a ``SparseGradient``."""
+    values = values.astype(np.float32)
+    if clip_mode == "clipvalue":
+        values = np.clip(values, np.float32(-clip), np.float32(clip))
+    sumsq = 0.0
+    if clip_mode in ("clipnorm", "global_clipnorm"):
+        flat = values.reshape(-1).astype(np.float64)
+        sumsq = float(flat @ flat)
+    k = len(indices)
+    unique, inverse = np.unique(indices, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    if len(unique) == k:
+        rows = values[order]
+    else:
+        starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
+        rows = np.add.reduceat(values[order], starts, axis=0)
+    size = bucket_of(k)
+    padded_rows = np.empty((size,) + values.shape[1:], np.float32)
+    padded_rows[:len(unique)] = rows
+    padded_rows[len(unique):] = rows[0] if k else 0
     padded_indices = np.full(size, unique[0] if k else 0, np.int32)
     padded_indices[:len(unique)] = unique
-    return SparseGradient(padded_values, padded_segments, padded_indices, len(unique))
+    return SparseGradient(padded_rows, padded_indices, len(unique), sumsq)

@@ -51,6 +51,10 @@ class Variable:
         return self
 
     @property
+    def numpy_dtype(self):
+        return numpy_dtype(self.dtype)
+
+    @property
     def size(self):
         return int(np.prod(self.shape, dtype=np.int64))
 
