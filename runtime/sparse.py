@@ -4,8 +4,7 @@ Everything here runs on the host before any device work: indices are checked to 
 integers in ``[0, rows)`` (IREE does not drop out-of-bounds scatter indices, it writes
 them and corrupts memory).  Then, in spec §1 order, ``clipvalue`` is applied to the raw
 values, the squared norm of the raw values is taken (for the norm clippings, which the
-step applies), duplicates are summed (stable sort + ``np.add.reduceat``: each row's
-duplicates in order of occurrence), and the rows are padded to a power-of-two bucket
+step applies), duplicates are summed (each row's duplicates in order of occurrence), and the rows are padded to a power-of-two bucket
 so that a long run compiles only a few modules (8, 16, 32, ... rows).
 """
 import numpy as np
@@ -89,12 +88,21 @@ def reduce(values, indices, clip_mode, clip, bucket_of=bucket):
     k = len(indices)
     unique, inverse = np.unique(indices, return_inverse=True)
     inverse = inverse.reshape(-1)
-    order = np.argsort(inverse, kind="stable")
+    order = np.argsort(inverse, kind="stable")       # stable: each row's duplicates in occurrence order
+    ordered = values[order]
     if len(unique) == k:
-        rows = values[order]
+        rows = ordered
     else:
-        starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
-        rows = np.add.reduceat(values[order], starts, axis=0)
+        segment = inverse[order]
+        first = np.r_[True, segment[1:] != segment[:-1]]
+        rows = ordered[first]
+        # rank of each value among its row's duplicates; pass r adds every r-th duplicate
+        # (targets are unique within a pass, so plain fancy-index addition is exact)
+        starts = np.flatnonzero(first)
+        rank = np.arange(k) - np.repeat(starts, np.diff(np.r_[starts, k]))
+        for r in range(1, int(rank.max()) + 1):
+            at = rank == r
+            rows[segment[at]] += ordered[at]
     size = bucket_of(k)
     padded_rows = np.empty((size,) + values.shape[1:], np.float32)
     padded_rows[:len(unique)] = rows
