@@ -1,30 +1,49 @@
-"""iree-compile flags per target (field notes §5).
+"""iree-compile flags per target (field notes §3, §5).
 
-``--iree-dispatch-creation-enable-aggressive-fusion`` lets IREE put a norm reduction
-(clipping) and the EMA select into the same dispatch as the update.  Without it the
-step stages m and v through transient buffers and copies them back (an allocation
-and two extra passes over the slots every step); measured: 1 dispatch and no
+| target | what | runs on (IREE drivers) |
+|---|---|---|
+| ``llvm-cpu`` | this machine's CPU (``-target-cpu=host``) | local-sync, local-task |
+| ``llvm-cpu:generic`` | portable x86-64 (no host-specific ISA extensions) | local-sync, local-task |
+| ``llvm-cpu:aarch64`` | cross-compiled for 64-bit Arm Linux | local-sync, local-task (on Arm) |
+| ``vulkan-spirv`` | the Vulkan baseline profile ``vp_android_baseline_2022``: Mesa lavapipe and real GPUs | vulkan |
+| ``cuda`` | ``sm_80`` PTX; the driver JIT-compiles it for newer GPUs (Hopper included: IREE 3.13 has no sm_90 entry) | cuda |
+
+``--iree-dispatch-creation-enable-aggressive-fusion`` (llvm-cpu, dense steps) lets IREE put
+a norm reduction (clipping) and the EMA select into the same dispatch as the update.
+Without it the step stages m and v through transient buffers and copies them back (an
+allocation and two extra passes over the slots every step); measured: 1 dispatch and no
 transient allocation with it, 2-3 dispatches and 1-3 transient allocations without.
-It is left out for steps with sparse gradients: there it fuses elementwise work into
-the scatter and llvm-cpu codegen rejects the result ("write affecting operations on
-global resources are restricted to workgroup distributed contexts").
+It is left out for steps with sparse gradients: there llvm-cpu codegen rejects the
+fused scatter ("write affecting operations on global resources are restricted to
+workgroup distributed contexts"), and for the GPU targets, where IREE does not promise it.
 """
 
+_LOCAL = ["--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu"]
+
 TARGETS = {
-    "llvm-cpu": ["--iree-hal-target-device=local",
-                 "--iree-hal-local-target-device-backends=llvm-cpu",
-                 "--iree-llvmcpu-target-cpu=host"],
+    "llvm-cpu": _LOCAL + ["--iree-llvmcpu-target-cpu=host"],
+    "llvm-cpu:generic": _LOCAL + ["--iree-llvmcpu-target-triple=x86_64-unknown-linux-gnu",
+                                  "--iree-llvmcpu-target-cpu=generic"],
+    "llvm-cpu:aarch64": _LOCAL + ["--iree-llvmcpu-target-triple=aarch64-unknown-linux-gnu",
+                                  "--iree-llvmcpu-target-cpu=generic"],
+    "vulkan-spirv": ["--iree-hal-target-device=vulkan", "--iree-vulkan-target=vp_android_baseline_2022"],
+    "cuda": ["--iree-hal-target-device=cuda", "--iree-cuda-target=sm_80"],
 }
 
+#: IREE runtime drivers that can run a module compiled for each target
+DRIVERS = {"llvm-cpu": ("local-sync", "local-task"), "llvm-cpu:generic": ("local-sync", "local-task"),
+           "llvm-cpu:aarch64": ("local-sync", "local-task"), "vulkan-spirv": ("vulkan",), "cuda": ("cuda",)}
 
 AGGRESSIVE_FUSION = "--iree-dispatch-creation-enable-aggressive-fusion"
 
 
 def target_flags(target, spec=None):
-    """The exact iree-compile flags for ``target`` (and the step structure ``spec``)."""
+    """The exact iree-compile flags for ``target`` (and the step structure ``spec``; with
+    ``spec=None``, for a module that may hold sparse steps)."""
     if target not in TARGETS:
         raise ValueError(f"unknown compile target {target!r}; available: {sorted(TARGETS)}")
     flags = list(TARGETS[target])
-    if spec is None or all(v.sparse is None for v in spec.variables):
+    dense = spec is not None and all(v.sparse is None for v in spec.variables)
+    if target.startswith("llvm-cpu") and dense:
         flags.append(AGGRESSIVE_FUSION)
     return flags

@@ -121,7 +121,7 @@ def compile_vmfb(spec, target):
 
 def step_module(spec, device):
     """The loaded ``StepModule`` for ``spec`` on ``device`` (compiled at most once)."""
-    key = (spec, device.driver)
+    key = (spec, device.key)
     with _lock:
         module = _memory.get(key)
         if module is None:

@@ -12,12 +12,29 @@ import numpy as np
 
 import iree.runtime as rt
 
-#: ireeopt device name -> (IREE driver, compile target)
+#: ireeopt device name -> (IREE driver, compile target); "name:N" picks the N-th device
 DEVICES = {
     "cpu": ("local-sync", "llvm-cpu"),
     "local-sync": ("local-sync", "llvm-cpu"),
     "local-task": ("local-task", "llvm-cpu"),
+    "vulkan": ("vulkan", "vulkan-spirv"),
+    "cuda": ("cuda", "cuda"),
 }
+#: drivers whose device-local memory is also host-visible and cheap to map (CPU memory;
+#: lavapipe).  On CUDA host-visible device memory is managed memory: buffers there are
+#: device-local and go through a persistent host staging buffer instead.
+_MAPPABLE = ("local-sync", "local-task", "vulkan")
+
+
+def parse_device(name):
+    """``"cuda:1"`` -> ("cuda", 1); ``"cpu"`` -> ("cpu", None)."""
+    if not isinstance(name, str):
+        raise ValueError(f"device must be a string such as 'cpu' or 'vulkan', got {name!r}")
+    base, _, index = name.partition(":")
+    if base not in DEVICES or (index and not index.isdigit()):
+        raise ValueError(f"unknown device {name!r}; available: {sorted(DEVICES)} (optionally ':N', e.g. 'cuda:1')")
+    return base, int(index) if index else None
+
 
 _ELEMENT_TYPES = {
     "float32": rt.HalElementType.FLOAT_32,
@@ -51,56 +68,107 @@ class Device:
     _lock = threading.Lock()
     _instances = {}
 
-    def __init__(self, driver, target):
-        self.driver = driver
-        self.target = target
-        self.hal_device = rt.get_device(driver)
+    def __init__(self, driver, target, index=None):
+        self.driver, self.target, self.index = driver, target, index
+        try:
+            if index is None:
+                self.hal_device = rt.get_device(driver)
+            else:
+                found = rt.get_driver(driver).query_available_devices()
+                if index >= len(found):
+                    raise ValueError(f"device {driver}:{index} does not exist; {driver} has {len(found)} device(s)")
+                self.hal_device = rt.get_driver(driver).create_device(found[index]["device_id"])
+        except ValueError:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"IREE could not open a {driver!r} device: {e}") from e
+        self.mappable = driver in _MAPPABLE
         self.vm_instance = rt.VmInstance()
         self.hal_module = rt.create_hal_module(self.vm_instance, self.hal_device)
+        self._semaphore = self.hal_device.create_semaphore(0)
+        self._timeline = 0
 
     @classmethod
     def get(cls, name):
-        """The shared ``Device`` for an ireeopt device name such as ``"cpu"``."""
-        if not isinstance(name, str) or name not in DEVICES:
-            raise ValueError(f"unknown device {name!r}; available: {sorted(DEVICES)}")
-        driver, target = DEVICES[name]
+        """The shared ``Device`` for an ireeopt device name such as ``"cpu"`` or ``"cuda:1"``."""
+        base, index = parse_device(name)
+        driver, target = DEVICES[base]
         with cls._lock:
-            if driver not in cls._instances:
-                cls._instances[driver] = cls(driver, target)
-            return cls._instances[driver]
+            if (driver, index) not in cls._instances:
+                cls._instances[(driver, index)] = cls(driver, target, index)
+            return cls._instances[(driver, index)]
+
+    @property
+    def key(self):
+        return (self.driver, self.index)
 
     def allocate(self, shape, dtype):
-        """A new mappable device buffer for an array of ``shape``/``dtype``, mapped once."""
+        """A new device buffer for an array of ``shape``/``dtype``."""
         return DeviceBuffer(self, tuple(shape), dtype_name(dtype))
 
+    def copy(self, source, target):
+        """Queue a buffer-to-buffer copy and wait for it."""
+        with self._lock:
+            self._timeline += 1
+            wait = rt.HalFence.create_at(self._semaphore, self._timeline - 1)
+            signal = rt.HalFence.create_at(self._semaphore, self._timeline)
+            self.hal_device.queue_copy(source, target, wait_semaphores=wait, signal_semaphores=signal)
+        signal.wait()
+
     def __repr__(self):
-        return f"Device({self.driver!r}, target={self.target!r})"
+        suffix = "" if self.index is None else f":{self.index}"
+        return f"Device({self.driver}{suffix!r}, target={self.target!r})"
 
 
 class DeviceBuffer:
-    """A device buffer with its buffer view and a persistent host mapping ``host``."""
+    """A device buffer with its buffer view.
+
+    On mappable devices the buffer is host-visible and mapped once: ``host`` is a
+    persistent numpy view of it.  Elsewhere the buffer is device-local and ``write``/
+    ``read`` go through a persistent host staging buffer and a queued copy.
+    """
 
     def __init__(self, device, shape, dtype):
         self.device, self.shape, self.dtype = device, shape, dtype
-        np_dtype = numpy_dtype(dtype)
-        nbytes = max(int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize, 1)
+        self.np_dtype = numpy_dtype(dtype)
+        self.nbytes = max(int(np.prod(shape, dtype=np.int64)) * self.np_dtype.itemsize, 1)
         allocator = device.hal_device.allocator
-        self.buffer = allocator.allocate_buffer(
-            memory_type=rt.MemoryType.DEVICE_LOCAL | rt.MemoryType.HOST_VISIBLE,
-            allowed_usage=rt.BufferUsage.DEFAULT | rt.BufferUsage.MAPPING,
-            allocation_size=nbytes)
+        self.host = None
+        if device.mappable:
+            self.buffer = allocator.allocate_buffer(
+                memory_type=rt.MemoryType.DEVICE_LOCAL | rt.MemoryType.HOST_VISIBLE,
+                allowed_usage=rt.BufferUsage.DEFAULT | rt.BufferUsage.MAPPING,
+                allocation_size=self.nbytes)
+            self.host = self._map(self.buffer)
+        else:
+            self.buffer = allocator.allocate_buffer(memory_type=rt.MemoryType.DEVICE_LOCAL,
+                                                    allowed_usage=rt.BufferUsage.DEFAULT,
+                                                    allocation_size=self.nbytes)
+            self._staging = allocator.allocate_buffer(
+                memory_type=rt.MemoryType.HOST_LOCAL | rt.MemoryType.DEVICE_VISIBLE,
+                allowed_usage=rt.BufferUsage.TRANSFER | rt.BufferUsage.MAPPING,
+                allocation_size=self.nbytes)
+            self._staged = self._map(self._staging)
         self.view = rt.HalBufferView(self.buffer, list(shape), _ELEMENT_TYPES[dtype])
-        self._mapping = self.buffer.map()
-        flat = self._mapping.asarray((nbytes,), np.dtype(np.uint8))
-        count = int(np.prod(shape, dtype=np.int64))
-        self.host = flat[:count * np_dtype.itemsize].view(np_dtype).reshape(shape)
+
+    def _map(self, buffer):
+        self._mapping = buffer.map()
+        flat = self._mapping.asarray((self.nbytes,), np.dtype(np.uint8))
+        count = int(np.prod(self.shape, dtype=np.int64))
+        return flat[:count * self.np_dtype.itemsize].view(self.np_dtype).reshape(self.shape)
 
     def write(self, array):
-        np.copyto(self.host, array, casting="unsafe")
+        if self.host is not None:
+            np.copyto(self.host, array, casting="unsafe")
+        else:
+            np.copyto(self._staged, array, casting="unsafe")
+            self.device.copy(self._staging, self.buffer)
 
     def read(self):
-        return self.host.copy()
-
+        if self.host is not None:
+            return self.host.copy()
+        self.device.copy(self.buffer, self._staging)
+        return self._staged.copy()
 
 
 @atexit.register

@@ -226,7 +226,7 @@ class Optimizer:
             if id(var) in seen:
                 raise ValueError(f"{what}: variable {var.name!r} is passed more than once")
             seen.add(id(var))
-        devices = {v._device.driver for v in var_list} | ({self._device.driver} if self.built else set())
+        devices = {v._device.key for v in var_list} | ({self._device.key} if self.built else set())
         if len(devices) > 1:
             raise ValueError(f"{what}: all variables of one optimizer must share a device, got "
                              f"{sorted(v.device for v in var_list)}")
