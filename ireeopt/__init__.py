@@ -6,6 +6,7 @@ compiler are imported lazily, when a step has to be compiled.
 import importlib.metadata as _md
 
 from .kernels import schedules
+from .runtime.artifact import ArtifactError, load
 from .runtime.optimizer import Optimizer
 from .runtime.optimizers import Adam, Adamax, AdamW
 from .runtime.sparse import IndexedSlices
@@ -16,4 +17,21 @@ try:
 except _md.PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
-__all__ = ["Adam", "AdamW", "Adamax", "IndexedSlices", "Optimizer", "Variable", "schedules", "__version__"]
+
+
+def compile(optimizer, variables, targets=("llvm-cpu",), sparse=None, sparse_buckets=None):
+    """Compile every step ``optimizer`` needs for ``variables`` ahead of time for each of
+    ``targets`` (``llvm-cpu``, ``llvm-cpu:generic``, ``llvm-cpu:aarch64``, ``vulkan-spirv``,
+    ``cuda``); returns an ``Artifact`` to ``save(dir)``.  Needs jax and iree-base-compiler.
+
+    ``variables``: ireeopt.Variables or ``{name: {"shape": [...], "dtype": "float32",
+    "sparse": False}}``; ``sparse``: names of Variables that take IndexedSlices gradients;
+    ``sparse_buckets``: the padded row counts compiled for them."""
+    from .compiler.artifact import DEFAULT_SPARSE_BUCKETS, compile_artifact
+
+    return compile_artifact(optimizer, variables, targets, sparse,
+                            DEFAULT_SPARSE_BUCKETS if sparse_buckets is None else sparse_buckets)
+
+
+__all__ = ["Adam", "AdamW", "Adamax", "ArtifactError", "IndexedSlices", "Optimizer", "Variable", "compile", "load",
+           "schedules", "__version__"]

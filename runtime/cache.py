@@ -20,7 +20,7 @@ import threading
 import time
 
 from ..compiler.targets import target_flags
-from .module import StepModule
+from .module import LoadedModule
 
 _memory = {}
 _lock = threading.Lock()
@@ -125,7 +125,7 @@ def step_module(spec, device):
     with _lock:
         module = _memory.get(key)
         if module is None:
-            module = _memory[key] = StepModule(device, compile_vmfb(spec, device.target), spec)
+            module = _memory[key] = LoadedModule(device, compile_vmfb(spec, device.target)).step("main", spec)
         return module
 
 

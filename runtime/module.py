@@ -1,4 +1,4 @@
-"""A compiled step module loaded on a device, invoked through the VM directly.
+"""Compiled step modules loaded on a device, invoked through the VM directly.
 
 The argument list is built once per set of buffers and reused: because every
 state argument is donated (``iree.abi.output``), the results are written into
@@ -9,15 +9,27 @@ hundreds of arguments).
 import iree.runtime as rt
 
 
-class StepModule:
-    def __init__(self, device, vmfb, spec):
+class LoadedModule:
+    """One .vmfb loaded into a VM context on a device."""
+
+    def __init__(self, device, vmfb):
         self.device = device
-        self.spec = spec
         self.vm_module = rt.VmModule.copy_buffer(device.vm_instance, vmfb)
         self.context = rt.VmContext(device.vm_instance, modules=[device.hal_module, self.vm_module])
-        self.function = self.vm_module.lookup_function("main")
+
+    def step(self, name, spec):
+        return StepModule(self, name, spec)
+
+
+class StepModule:
+    """One exported step function (``name``) of a loaded module, for structure ``spec``."""
+
+    def __init__(self, loaded, name, spec):
+        self.loaded, self.spec = loaded, spec
+        self.function = loaded.vm_module.lookup_function(name)
         if self.function is None:
-            raise RuntimeError("compiled step module has no 'main' function; recompile it")
+            raise RuntimeError(f"the compiled module has no function {name!r}; recompile it")
+        self.context = loaded.context
         self.n_results = len(spec.donated)
 
     def arguments(self, buffers):

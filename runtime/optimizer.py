@@ -113,6 +113,7 @@ class Optimizer:
         self.ema_overwrite_frequency = ema_overwrite_frequency
         self.jit_compile = jit_compile
         self._iterations = 0
+        self._artifact = None
         self.built = False
         self._vars = []
         self._index = {}
@@ -194,6 +195,9 @@ class Optimizer:
         if self.built:
             raise ValueError("exclude_from_weight_decay() can only be configured before the optimizer "
                              "is built")
+        if self._artifact is not None:
+            raise ValueError("this optimizer was loaded from an artifact: its weight-decay exclusions were "
+                             "compiled in; compile a new artifact to change them")
         var_list = list(var_list or [])
         var_names = list(var_names or [])
         for name in var_names:
@@ -239,6 +243,8 @@ class Optimizer:
         self._check_variables(var_list, "build")
         if not var_list:
             raise ValueError("build: var_list is empty")
+        if self._artifact is not None:
+            var_list = self._match_artifact(var_list)
         slots = {k: [Variable(np.zeros(v.shape, numpy_dtype(slot_dtype(v.dtype))), name=f"{v.name}/{k}",
                               device=v.device) for v in var_list] for k in self._slot_names}
         averages = [Variable(v.numpy().astype(numpy_dtype(slot_dtype(v.dtype))), name=f"{v.name}/average",
@@ -252,6 +258,8 @@ class Optimizer:
         self._scratch_rows = {}      # variable index -> rows its scratch table holds (host copy)
         self._device, self._prepared = device, {}
         self._decay_excluded = [self._excluded(v) for v in var_list]
+        if self._artifact is not None:
+            self._decay_excluded = [not v["weight_decay"] for v in self._artifact.variables]
         self.built = True
         if self.jit_compile:
             try:
@@ -342,7 +350,10 @@ class Optimizer:
                     buffers.append(self._hyper_buffer)
                 else:
                     buffers.append(grad_buffers[j][kind])
-            module = step_module(spec, self._device) if self.jit_compile else None
+            if self._artifact is not None:
+                module = self._artifact.step(spec)
+            else:
+                module = step_module(spec, self._device) if self.jit_compile else None
             args = module.arguments(buffers) if module else None
             self._prepared[key] = _PreparedStep(spec, module, args, buffers, grad_buffers)
         return self._prepared[key]
@@ -391,11 +402,12 @@ class Optimizer:
                           f"{[v.name for g, v in pairs if g is None]} when minimizing the loss.",
                           stacklevel=2)
         clip_mode, clip = self._clip()   # a conflicting clip setting raises before any state exists
+        bucket_of = self._bucket_chooser([len(g[1]) for g, _ in given if isinstance(g, tuple)])
         lr = self._step_lr()              # evaluated once per step, before any state exists
         if not self.built:
             self.build([v for _, v in pairs])
-        order = sorted(((sparse.reduce(*g, clip_mode, clip) if isinstance(g, tuple) else g, v) for g, v in given),
-                       key=lambda gv: self._index[id(gv[1])])
+        order = sorted(((sparse.reduce(*g, clip_mode, clip, bucket_of) if isinstance(g, tuple) else g, v)
+                        for g, v in given), key=lambda gv: self._index[id(gv[1])])
         indices = tuple(self._index[id(v)] for _, v in order)
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
         prepared = self._prepare(indices, buckets)
@@ -419,6 +431,38 @@ class Optimizer:
         self._scratch_rows.update(scratch_rows)
         self._iterations += 1
         return self.iterations
+
+    # ------------------------------------------------------------------ artifacts
+    def _bind_artifact(self, artifact):
+        """Run this optimizer on a loaded artifact's modules (``ireeopt.load``)."""
+        self._artifact = artifact
+        self.jit_compile = True
+
+    def _match_artifact(self, var_list):
+        """The variables in the artifact's order, after checking names, shapes, dtypes and device."""
+        compiled = self._artifact.variables
+        by_name = {v.name: v for v in var_list}
+        expected = [v["name"] for v in compiled]
+        if sorted(by_name) != sorted(expected) or len(by_name) != len(var_list):
+            raise ValueError(f"this optimizer was compiled for the variables {expected}, got "
+                             f"{[v.name for v in var_list]}")
+        for spec in compiled:
+            var = by_name[spec["name"]]
+            if tuple(var.shape) != tuple(spec["shape"]) or var.dtype != spec["dtype"]:
+                raise ValueError(f"variable {var.name!r} has shape {var.shape} and dtype {var.dtype}, but the "
+                                 f"artifact was compiled for shape {tuple(spec['shape'])} and dtype {spec['dtype']}")
+            if var._device.key != self._artifact.device.key:
+                raise ValueError(f"variable {var.name!r} is on device {var.device!r} but the optimizer was loaded "
+                                 f"for {self._artifact.device!r}")
+        return [by_name[name] for name in expected]
+
+    def _bucket_chooser(self, ks):
+        """How sparse gradients of ``ks`` rows are padded: each to its own power of two, or,
+        from an artifact, all to the smallest compiled bucket that holds the largest."""
+        if self._artifact is None or not ks:
+            return sparse.bucket
+        size = max(self._artifact.bucket(k) for k in ks)
+        return lambda k: size
 
     def _verify_in_place(self, prepared, results):
         state = [prepared.buffers[i].buffer for i in prepared.spec.donated]
