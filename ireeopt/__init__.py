@@ -7,6 +7,7 @@ import importlib.metadata as _md
 
 from .kernels import schedules
 from .runtime.artifact import ArtifactError, load
+from .runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .runtime.optimizer import Optimizer
 from .runtime.optimizers import Adam, Adamax, AdamW
 from .runtime.sparse import IndexedSlices
@@ -33,5 +34,5 @@ def compile(optimizer, variables, targets=("llvm-cpu",), sparse=None, sparse_buc
                             DEFAULT_SPARSE_BUCKETS if sparse_buckets is None else sparse_buckets)
 
 
-__all__ = ["Adam", "AdamW", "Adamax", "ArtifactError", "IndexedSlices", "Optimizer", "Variable", "compile", "load",
-           "schedules", "__version__"]
+__all__ = ["Adam", "AdamW", "Adamax", "ArtifactError", "CheckpointError", "IndexedSlices", "Optimizer", "Variable",
+           "compile", "load", "load_checkpoint", "save_checkpoint", "schedules", "__version__"]

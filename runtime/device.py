@@ -57,6 +57,12 @@ def numpy_dtype(name):
     return np.dtype(name)
 
 
+def is_real(dtype, integers=True):
+    """A real number dtype: float (bfloat16 included) or, with ``integers``, int/uint/bool."""
+    dtype = np.dtype(dtype)
+    return dtype.kind in ("fiub" if integers else "f") or dtype.name in ("bfloat16",)
+
+
 def dtype_name(dtype):
     """Canonical name of a numpy dtype ("float32", "bfloat16", ...)."""
     return np.dtype(dtype).name

@@ -15,7 +15,7 @@ from ..kernels import ema as ema_kernel
 from ..kernels import schedules
 from ..kernels.step import StepSpec, VarSpec, slot_dtype
 from .cache import step_module
-from .device import numpy_dtype
+from .device import is_real, numpy_dtype
 from . import sparse
 from .variable import Variable
 
@@ -381,7 +381,7 @@ class Optimizer:
                 checked.append((sparse.check(grad, var), var))
                 continue
             value = grad.numpy() if isinstance(grad, Variable) else np.asarray(grad)
-            if value.dtype.kind not in "fiu":
+            if not is_real(value.dtype):
                 raise TypeError(f"gradient for {var.name!r} has dtype {value.dtype}; expected a real number type")
             if value.shape != var.shape:
                 raise ValueError(f"gradient for {var.name!r} has shape {value.shape} but the variable has "
@@ -532,7 +532,7 @@ class Optimizer:
             if value.shape != tuple(var.shape):
                 raise ValueError(f"{self.name}: stored value {i} for {var.name!r} has shape {value.shape}, "
                                  f"expected {tuple(var.shape)}")
-            if value.dtype.kind not in "fiu":
+            if not is_real(value.dtype):
                 raise TypeError(f"{self.name}: stored value {i} for {var.name!r} has dtype {value.dtype}")
             values.append(value)
         it = values[0]

@@ -9,6 +9,8 @@ so that a long run compiles only a few modules (8, 16, 32, ... rows).
 """
 import numpy as np
 
+from .device import is_real
+
 MIN_BUCKET = 8
 
 
@@ -55,7 +57,7 @@ def check(grad, var):
         raise TypeError(f"sparse gradient for {name!r}: indices must be integers, got dtype {indices.dtype}")
     if indices.ndim != 1:
         raise ValueError(f"sparse gradient for {name!r}: indices must be 1-D, got shape {indices.shape}")
-    if values.dtype.kind not in "fiu":
+    if not is_real(values.dtype):
         raise TypeError(f"sparse gradient for {name!r}: values must be real numbers, got dtype {values.dtype}")
     if grad.dense_shape is not None and tuple(grad.dense_shape) != tuple(var.shape):
         raise ValueError(f"sparse gradient for {name!r}: dense_shape {grad.dense_shape} does not match the "

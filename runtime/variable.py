@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..kernels.step import SUPPORTED_DTYPES
-from .device import Device, dtype_name, numpy_dtype
+from .device import Device, dtype_name, is_real, numpy_dtype
 
 
 class Variable:
@@ -18,7 +18,7 @@ class Variable:
         self._device = Device.get(device)
         self.device = device
         value = np.asarray(initial_value)
-        if value.dtype.kind not in "fiub":
+        if not is_real(value.dtype):
             raise TypeError(f"Variable {name!r}: initial value must be numeric, got dtype {value.dtype}")
         if dtype is None:   # numpy values keep their dtype; Python numbers and lists are float32
             dtype = value.dtype if isinstance(initial_value, (np.ndarray, np.generic)) else "float32"
@@ -45,7 +45,7 @@ class Variable:
         if value.shape != self.shape:
             raise ValueError(f"Variable {self.name!r}: cannot assign a value of shape {value.shape} "
                              f"to a variable of shape {self.shape}")
-        if value.dtype.kind not in "fiub":
+        if not is_real(value.dtype):
             raise TypeError(f"Variable {self.name!r}: cannot assign a value of dtype {value.dtype}")
         self._buffer.write(value)
         return self
