@@ -40,8 +40,9 @@ def _positive_steps(name, value):
     return value
 
 
-class ExponentialDecay(LearningRateSchedule):
-    """``lr0 * decay_rate ** (step / decay_steps)`` (exponent floored if ``staircase``)."""
+class _StepRatioDecay(LearningRateSchedule):
+    """Shared by ExponentialDecay and InverseTimeDecay: a function of ``lr0``, ``decay_rate``
+    and ``p = step / decay_steps`` (floored if ``staircase``)."""
 
     def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False, name=None):
         self.initial_learning_rate = initial_learning_rate
@@ -54,11 +55,19 @@ class ExponentialDecay(LearningRateSchedule):
         p = f32(step) / f32(self.decay_steps)
         if self.staircase:
             p = np.floor(p)
-        return f32(f32(self.initial_learning_rate) * np.power(f32(self.decay_rate), p))
+        return f32(self._decay(f32(self.initial_learning_rate), f32(self.decay_rate), p))
 
     def get_config(self):
         return {"initial_learning_rate": self.initial_learning_rate, "decay_steps": self.decay_steps,
                 "decay_rate": self.decay_rate, "staircase": self.staircase, "name": self.name}
+
+
+class ExponentialDecay(_StepRatioDecay):
+    """``lr0 * decay_rate ** (step / decay_steps)`` (exponent floored if ``staircase``)."""
+
+    @staticmethod
+    def _decay(lr0, rate, p):
+        return lr0 * np.power(rate, p)
 
 
 class PiecewiseConstantDecay(LearningRateSchedule):
@@ -113,25 +122,12 @@ class PolynomialDecay(LearningRateSchedule):
                 "cycle": self.cycle, "name": self.name}
 
 
-class InverseTimeDecay(LearningRateSchedule):
+class InverseTimeDecay(_StepRatioDecay):
     """``lr0 / (1 + decay_rate * step / decay_steps)`` (floored ratio if ``staircase``)."""
 
-    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False, name=None):
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = _positive_steps("decay_steps", decay_steps)
-        self.decay_rate = decay_rate
-        self.staircase = staircase
-        self.name = name
-
-    def __call__(self, step):
-        p = f32(step) / f32(self.decay_steps)
-        if self.staircase:
-            p = np.floor(p)
-        return f32(f32(self.initial_learning_rate) / (f32(1) + f32(self.decay_rate) * p))
-
-    def get_config(self):
-        return {"initial_learning_rate": self.initial_learning_rate, "decay_steps": self.decay_steps,
-                "decay_rate": self.decay_rate, "staircase": self.staircase, "name": self.name}
+    @staticmethod
+    def _decay(lr0, rate, p):
+        return lr0 / (f32(1) + rate * p)
 
 
 def _cosine(step, decay_steps, from_lr, alpha):
