@@ -108,6 +108,12 @@ def main(argv=None):
     r.add_argument("artifact")
     r.add_argument("--target", action="append", help="also compile for this target; repeatable")
     sub.add_parser("versions", help="print the versions of ireeopt and the IREE packages in use")
+    sub.add_parser("bench", help="time an Adam step across devices and peers (see `ireeopt bench --help`)",
+                   add_help=False)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from ireeopt.bench.compare import main as bench
+        return bench(argv[1:])
     args = parser.parse_args(argv)
     commands = {"compile": _compile, "info": _info, "recompile": _recompile, "versions": lambda a: _versions()}
     if args.command is None:

@@ -1,0 +1,1 @@
+"""Benchmarks (installed as ``ireeopt.bench``; ``ireeopt bench`` runs ``compare``)."""

@@ -1,0 +1,22 @@
+"""``ireeopt bench`` runs and writes its table, JSON and plots (no timing is asserted)."""
+import json
+import subprocess
+
+
+def test_bench_runs_and_reports(tmp_path):
+    out = tmp_path / "report"
+    done = subprocess.run(["ireeopt", "bench", "--sizes", "4096", "--tensors", "1,3", "--devices", "local-sync",
+                           "--peers", "", "--budget", "0.05", "--output", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| 3 × 1,365 |" in done.stdout and "roofline" in done.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [(r["tensors"], sorted(r["results"])) for r in report["rows"]] == [(1, ["ireeopt local-sync"]),
+                                                                           (3, ["ireeopt local-sync"])]
+    assert report["bandwidth_bytes_per_s"] > 0 and report["versions"]["iree-base-runtime"] == "3.13.0"
+    assert all(r["results"]["ireeopt local-sync"]["ms"] > 0 for r in report["rows"])
+
+
+def test_bench_rejects_unknown_peers(tmp_path):
+    done = subprocess.run(["ireeopt", "bench", "--peers", "mxnet", "--output", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "mxnet" in done.stderr
