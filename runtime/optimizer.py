@@ -330,10 +330,12 @@ class Optimizer:
         return self._scratch_buffers[i]
 
     def _prepare(self, indices, buckets):
-        """The ``_PreparedStep`` updating ``indices`` (with sparse ``buckets``, None for dense)."""
-        spec = self._spec_for(indices, buckets)
-        key = (indices, spec)
+        """The ``_PreparedStep`` updating ``indices`` (with sparse ``buckets``, None for dense).
+        Looked up by a cheap key of everything ``_spec_for`` reads that can change after build."""
+        key = (indices, buckets, self._clip()[0], bool(self.weight_decay), getattr(self, "amsgrad", False),
+               self.use_ema)
         if key not in self._prepared:
+            spec = self._spec_for(indices, buckets)
             grad_buffers = [self._gradient_buffers(i, v, spec) for i, v in zip(indices, spec.variables)]
             buffers = []
             for kind, j, _, _ in spec.arguments():
@@ -366,14 +368,20 @@ class Optimizer:
             except (TypeError, ValueError):
                 raise TypeError("apply_gradients expects (gradient, variable) pairs") from None
             pairs.append((grad, var))
-        self._check_variables([v for _, v in pairs], "apply_gradients")
-        if self.built:
+        ids = [id(v) for _, v in pairs]
+        known = self.built and len(set(ids)) == len(ids) and all(i in self._index for i in ids)
+        if not known:    # the variables of a built optimizer were checked when it was built
+            self._check_variables([v for _, v in pairs], "apply_gradients")
+        if self.built and not known:
             unknown = [v.name for _, v in pairs if id(v) not in self._index]
             if unknown:
                 raise ValueError(f"apply_gradients: variable(s) {unknown} were not part of the variables this "
                                  f"optimizer was built with ({[v.name for v in self._vars]})")
         checked = []
         for grad, var in pairs:
+            if type(grad) is np.ndarray and grad.dtype.kind == "f" and grad.shape == var.shape:
+                checked.append((grad, var))      # the common case, already a valid float array
+                continue
             if grad is None:
                 checked.append((None, var))
                 continue
