@@ -16,7 +16,7 @@ from ..kernels import schedules
 from ..kernels.step import StepSpec, VarSpec, slot_dtype
 from .cache import step_module
 from .device import is_real, numpy_dtype
-from . import sparse
+from . import flat, sparse
 from .variable import Variable
 
 CLIP_SETTINGS = ("clipnorm", "global_clipnorm", "clipvalue")
@@ -245,28 +245,91 @@ class Optimizer:
             raise ValueError("build: var_list is empty")
         if self._artifact is not None:
             var_list = self._match_artifact(var_list)
-        slots = {k: [Variable(np.zeros(v.shape, numpy_dtype(slot_dtype(v.dtype))), name=f"{v.name}/{k}",
-                              device=v.device) for v in var_list] for k in self._slot_names}
-        averages = [Variable(v.numpy().astype(numpy_dtype(slot_dtype(v.dtype))), name=f"{v.name}/average",
-                             device=v.device) for v in var_list] if self.use_ema else []
         device = var_list[0]._device
+        excluded = [self._excluded(v) for v in var_list]
+        if self._artifact is not None:
+            excluded = [not v["weight_decay"] for v in self._artifact.variables]
+        self._groups = self._group_buffers = None
+        self._grad_buffers = {}      # (variable index, None | bucket) -> staging buffer(s), made once
+        if device.driver in flat.DRIVERS and not any(isinstance(v._buffer, flat.ImportedBuffer) for v in var_list):
+            slots, averages = self._build_flat(var_list, excluded, device)
+        else:
+            slots = {k: [Variable(np.zeros(v.shape, numpy_dtype(slot_dtype(v.dtype))), name=f"{v.name}/{k}",
+                                  device=v.device) for v in var_list] for k in self._slot_names}
+            averages = [Variable(v.numpy().astype(numpy_dtype(slot_dtype(v.dtype))), name=f"{v.name}/average",
+                                 device=v.device) for v in var_list] if self.use_ema else []
         hyper = device.allocate((len(self._empty_spec().scalars),), "float32")
         self._vars, self._index = var_list, {id(v): i for i, v in enumerate(var_list)}
         self._slots, self._averages, self._hyper_buffer = slots, averages, hyper
-        self._grad_buffers = {}      # (variable index, None | bucket) -> staging buffer(s), made once
         self._scratch_buffers = {}   # variable index -> scratch table of sparse Adam, made once
         self._scratch_rows = {}      # variable index -> rows its scratch table holds (host copy)
         self._device, self._prepared = device, {}
-        self._decay_excluded = [self._excluded(v) for v in var_list]
-        if self._artifact is not None:
-            self._decay_excluded = [not v["weight_decay"] for v in self._artifact.variables]
+        self._decay_excluded = excluded
         self.built = True
         if self.jit_compile:
             try:
-                self._prepare(tuple(range(len(var_list))), (None,) * len(var_list))
+                everything = tuple(range(len(var_list)))
+                if self._groups_apply(everything, (None,) * len(var_list)):
+                    self._prepare_groups(everything)
+                else:
+                    self._prepare(everything, (None,) * len(var_list))
             except BaseException:
                 self.built = False
                 raise
+
+    def _build_flat(self, var_list, excluded, device):
+        """Move the variables, and make their slots, EMA averages and gradient staging, into
+        flat storage: one arena per (dtype, weight-decay exclusion) group and kind of state.
+        Returns (slots, averages) as Variables over the member slices."""
+        groups = {}
+        for i, v in enumerate(var_list):
+            groups.setdefault((v.dtype, excluded[i]), []).append(i)
+        self._groups = [(dtype, excl, members) for (dtype, excl), members in groups.items()]
+        kinds = ["params", "grads"] + list(self._slot_names) + (["ema"] if self.use_ema else [])
+        self._group_buffers = {k: [] for k in kinds}
+        slots = {k: [None] * len(var_list) for k in self._slot_names}
+        averages = [None] * len(var_list) if self.use_ema else []
+        for dtype, _, members in self._groups:
+            shapes = [var_list[i].shape for i in members]
+            for kind in kinds:
+                group, parts = flat.arena(device, shapes, dtype if kind in ("params", "grads") else slot_dtype(dtype),
+                                          layout_dtype=dtype)
+                self._group_buffers[kind].append(group)
+                for i, part in zip(members, parts):
+                    var = var_list[i]
+                    if kind == "params":
+                        part.write(var.numpy())
+                        var._buffer = part
+                    elif kind == "grads":
+                        self._grad_buffers[(i, None)] = {"grads": part}
+                    elif kind == "ema":
+                        part.write(var.numpy())
+                        averages[i] = Variable._over(part, f"{var.name}/average", var.device)
+                    else:
+                        slots[kind][i] = Variable._over(part, f"{var.name}/{kind}", var.device)
+        return slots, averages
+
+    def _groups_apply(self, indices, buckets):
+        """Whether this step can run as one flat step over the groups: every variable gets a
+        dense gradient, and no clipping by each variable's own norm."""
+        return (self._groups is not None and self._artifact is None and len(indices) == len(self._index)
+                and all(b is None for b in buckets) and self._clip()[0] != "clipnorm")
+
+    def _prepare_groups(self, indices):
+        """The ``_PreparedStep`` that updates every variable through the group buffers."""
+        key = ("groups", self._clip()[0], bool(self.weight_decay), getattr(self, "amsgrad", False), self.use_ema)
+        if key not in self._prepared:
+            spec = StepSpec(self._kind, tuple(VarSpec(g.shape, dtype) for g, (dtype, _, _) in
+                                              zip(self._group_buffers["params"], self._groups)),
+                            tuple(bool(self.weight_decay) and not excl for _, excl, _ in self._groups),
+                            self._clip()[0], getattr(self, "amsgrad", False), self.use_ema)
+            buffers = [self._hyper_buffer if kind == "hyper" else self._group_buffers[kind][j]
+                       for kind, j, _, _ in spec.arguments()]
+            module = step_module(spec, self._device) if self.jit_compile else None
+            args = module.arguments(buffers) if module else None
+            grad_buffers = [self._grad_buffers[(i, None)] for i in indices]
+            self._prepared[key] = _PreparedStep(spec, module, args, buffers, grad_buffers)
+        return self._prepared[key]
 
     # ------------------------------------------------------------------ structure and constants
     def _clip(self):
@@ -418,7 +481,10 @@ class Optimizer:
                         for g, v in given), key=lambda gv: self._index[id(gv[1])])
         indices = tuple(self._index[id(v)] for _, v in order)
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
-        prepared = self._prepare(indices, buckets)
+        if self._groups_apply(indices, buckets):
+            prepared = self._prepare_groups(indices)
+        else:
+            prepared = self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)
         scratch_rows = {}
         for (grad, _), i, staging in zip(order, indices, prepared.grad_buffers):

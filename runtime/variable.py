@@ -31,6 +31,14 @@ class Variable:
         self._buffer = self._device.allocate(self.shape, self.dtype)
         self._buffer.write(value)
 
+    @classmethod
+    def _over(cls, buffer, name, device):
+        """A Variable whose storage is ``buffer`` (optimizer slots in flat storage)."""
+        var = cls.__new__(cls)
+        var._device, var.device, var.name = buffer.device, device, name
+        var.dtype, var.shape, var._buffer = buffer.dtype, tuple(buffer.shape), buffer
+        return var
+
     def numpy(self):
         """A host copy of the current value."""
         return self._buffer.read()
