@@ -35,7 +35,7 @@ def _torch(sizes, **kwargs):
         raise Unavailable("torch is not installed") from None
     params = [torch.zeros(n, requires_grad=True) for n in sizes]
     for p in params:
-        p.grad = torch.randn(n := p.numel())
+        p.grad = torch.randn(p.numel())
     opt = torch.optim.Adam(params, lr=1e-3, **kwargs)
     return opt.step
 

@@ -50,7 +50,7 @@ def main():
         dense = rng.standard_normal(table.shape).astype(np.float32)
         results[(name, "dense")] = _time(opt, lambda: [(dense, var)], max(3, args.steps // 2))
         print(f"{name:24s} dense   : {results[(name, 'dense')]:9.3f} ms/step", flush=True)
-        del var, opt
+
     ks = [k for (_, k) in results if k != "dense"]
     ks = sorted(set(ks))
     print(f"\n{args.rows} x {args.width} float32 table on {args.device}, median ms/step\n")
