@@ -104,14 +104,16 @@ def compile_vmfb(spec, target):
         return path.read_bytes()
     except OSError:
         pass
-    try:
-        from ..compiler import compile_step
-    except ImportError as e:  # pragma: no cover - depends on the installation
-        raise RuntimeError("this step is not in the compile cache and cannot be compiled here: "
-                           "install jax and iree-base-compiler") from e
+    from ..compiler import compile_step     # JAX-free to import; jax and iree.compiler load inside
+
     what = f"{spec.optimizer} step for {len(spec.variables)} variable(s) ({target})"
-    with _SlowNotice(what):
-        vmfb, _ = compile_step(spec, target)
+    try:
+        with _SlowNotice(what):
+            vmfb, _ = compile_step(spec, target)
+    except ImportError as e:
+        raise RuntimeError(f"the {what} is not in the compile cache ({cache_dir()}) and cannot be compiled "
+                           f"here: {e}. Install jax and iree-base-compiler, or use an artifact "
+                           "(ireeopt.compile / ireeopt.load)") from e
     try:
         _write_atomic(path, vmfb)
     except OSError:

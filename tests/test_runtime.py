@@ -100,6 +100,24 @@ def test_second_process_uses_the_disk_cache_without_jax(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
+def test_a_cache_miss_without_the_compiler_says_what_to_do(tmp_path):
+    code = textwrap.dedent("""
+        import sys, numpy as np
+        sys.modules["jax"] = None
+        sys.modules["iree.compiler"] = None
+        import ireeopt
+        w = ireeopt.Variable(np.ones(5, np.float32), name="w")
+        try:
+            ireeopt.Adam().apply_gradients([(np.ones(5, np.float32), w)])
+        except RuntimeError as e:
+            print(e)
+    """)
+    env = dict(os.environ, IREEOPT_CACHE_DIR=str(tmp_path / "empty-cache"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "not in the compile cache" in done.stdout and "install jax" in done.stdout.lower()
+
+
 def test_cache_key_depends_on_structure():
     from ireeopt.kernels.step import StepSpec, VarSpec
     a = StepSpec("adam", (VarSpec((3,), "float32"),), (False,))
