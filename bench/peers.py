@@ -61,12 +61,11 @@ def make_optax(sizes):
     tx = optax.adam(1e-3)
     state = {"params": params, "opt": tx.init(params)}
 
-    @jax.jit
     def update(params, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    update = jax.jit(update.__wrapped__, donate_argnums=(0, 1))
+    update = jax.jit(update, donate_argnums=(0, 1))
 
     def step():
         state["params"], state["opt"] = update(state["params"], state["opt"], grads)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from . import adam, adamax, clipping, ema, sparse, weight_decay
 
 OPTIMIZERS = {"adam": adam, "adamax": adamax}
-COMMON_SCALARS = ("lr", "wd", "clip") + ("ema_momentum", "ema_one_minus", "ema_overwrite")
+COMMON_SCALARS = ("lr", "wd", "clip", "ema_momentum", "ema_one_minus", "ema_overwrite")
 LOW_PRECISION = ("float16", "bfloat16")
 SUPPORTED_DTYPES = ("float32",) + LOW_PRECISION
 
@@ -109,14 +109,16 @@ class StepSpec:
             return []
         return [i for i, v in enumerate(self.variables) if v.sparse is not None]
 
-    def results(self):
-        return [a for a in self.arguments() if a[0] in self.state_names + ("scratch",)]
-
     @property
     def donated(self):
         """Argument index aliased by each result, in result order."""
         kinds = self.state_names + ("scratch",)
         return [i for i, a in enumerate(self.arguments()) if a[0] in kinds]
+
+    def results(self):
+        """``[(kind, variable index, shape, dtype)]`` of the results: the donated arguments."""
+        args = self.arguments()
+        return [args[i] for i in self.donated]
 
     def to_json(self):
         return {"optimizer": self.optimizer, "clip": self.clip, "amsgrad": self.amsgrad,

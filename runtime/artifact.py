@@ -5,12 +5,11 @@ import importlib.metadata
 import json
 import pathlib
 
+from ..compiler.artifact import MANIFEST, SCHEMA     # the format's constants (no JAX, no compiler)
 from ..compiler.targets import DRIVERS
 from ..kernels.step import StepSpec
 from .device import Device
 from .module import LoadedModule
-
-SCHEMA = "ireeopt.artifact/1"
 
 
 class ArtifactError(RuntimeError):
@@ -20,11 +19,11 @@ class ArtifactError(RuntimeError):
 def read_manifest(path):
     path = pathlib.Path(path)
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise ArtifactError(f"{path} is not an ireeopt artifact: it has no manifest.json") from None
+        raise ArtifactError(f"{path} is not an ireeopt artifact: it has no {MANIFEST}") from None
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}/manifest.json cannot be read ({e}); compile the artifact again") from None
+        raise ArtifactError(f"{path}/{MANIFEST} cannot be read ({e}); compile the artifact again") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         schema = manifest.get("schema") if isinstance(manifest, dict) else None
         raise ArtifactError(f"{path}: unknown manifest schema {schema!r} (this ireeopt reads {SCHEMA!r}); "

@@ -214,9 +214,15 @@ class Optimizer:
         return id(var) in self._exclude_ids or any(re.search(p, var.name) for p in self._exclude_names)
 
     # ------------------------------------------------------------------ build
+    def _structure(self, variables, decayed):
+        """The StepSpec of this optimizer's current settings over ``variables`` (VarSpecs);
+        ``decayed[i]``: variable ``i`` is not excluded from weight decay."""
+        return StepSpec(self._kind, tuple(variables), tuple(bool(self.weight_decay) and d for d in decayed),
+                        self._clip()[0], getattr(self, "amsgrad", False), self.use_ema)
+
     def _empty_spec(self):
         """The structure with no variables: its slot names and scalar layout."""
-        return StepSpec(self._kind, (), (), None, getattr(self, "amsgrad", False), self.use_ema)
+        return self._structure((), ())
 
     @property
     def _slot_names(self):
@@ -319,17 +325,23 @@ class Optimizer:
         """The ``_PreparedStep`` that updates every variable through the group buffers."""
         key = ("groups", self._clip()[0], bool(self.weight_decay), getattr(self, "amsgrad", False), self.use_ema)
         if key not in self._prepared:
-            spec = StepSpec(self._kind, tuple(VarSpec(g.shape, dtype) for g, (dtype, _, _) in
-                                              zip(self._group_buffers["params"], self._groups)),
-                            tuple(bool(self.weight_decay) and not excl for _, excl, _ in self._groups),
-                            self._clip()[0], getattr(self, "amsgrad", False), self.use_ema)
+            spec = self._structure([VarSpec(g.shape, dtype) for g, (dtype, _, _) in
+                                    zip(self._group_buffers["params"], self._groups)],
+                                   [not excl for _, excl, _ in self._groups])
             buffers = [self._hyper_buffer if kind == "hyper" else self._group_buffers[kind][j]
                        for kind, j, _, _ in spec.arguments()]
-            module = step_module(spec, self._device) if self.jit_compile else None
-            args = module.arguments(buffers) if module else None
-            grad_buffers = [self._grad_buffers[(i, None)] for i in indices]
-            self._prepared[key] = _PreparedStep(spec, module, args, buffers, grad_buffers)
+            self._prepared[key] = self._prepared_step(spec, buffers, [self._grad_buffers[(i, None)] for i in indices])
         return self._prepared[key]
+
+    def _prepared_step(self, spec, buffers, grad_buffers):
+        """A ``_PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,
+        or none for ``jit_compile=False``) and the VM argument list made once."""
+        if self._artifact is not None:
+            module = self._artifact.step(spec)
+        else:
+            module = step_module(spec, self._device) if self.jit_compile else None
+        args = module.arguments(buffers) if module else None
+        return _PreparedStep(spec, module, args, buffers, grad_buffers)
 
     # ------------------------------------------------------------------ structure and constants
     def _clip(self):
@@ -340,10 +352,8 @@ class Optimizer:
         return active[0] if active else (None, 0.0)
 
     def _spec_for(self, indices, buckets):
-        variables = tuple(VarSpec(self._vars[i].shape, self._vars[i].dtype, b) for i, b in zip(indices, buckets))
-        decay = tuple(bool(self.weight_decay) and not self._decay_excluded[i] for i in indices)
-        return StepSpec(self._kind, variables, decay, self._clip()[0], getattr(self, "amsgrad", False),
-                        self.use_ema)
+        return self._structure([VarSpec(self._vars[i].shape, self._vars[i].dtype, b) for i, b in zip(indices, buckets)],
+                               [not self._decay_excluded[i] for i in indices])
 
     def _kernel_constants(self, lr):
         raise NotImplementedError
@@ -415,12 +425,7 @@ class Optimizer:
                     buffers.append(self._hyper_buffer)
                 else:
                     buffers.append(grad_buffers[j][kind])
-            if self._artifact is not None:
-                module = self._artifact.step(spec)
-            else:
-                module = step_module(spec, self._device) if self.jit_compile else None
-            args = module.arguments(buffers) if module else None
-            self._prepared[key] = _PreparedStep(spec, module, args, buffers, grad_buffers)
+            self._prepared[key] = self._prepared_step(spec, buffers, grad_buffers)
         return self._prepared[key]
 
     def _validate_pairs(self, grads_and_vars):
