@@ -28,5 +28,8 @@ def _device_works(driver):
 
 HAS_VULKAN = _device_works("vulkan")
 HAS_CUDA = _device_works("cuda")
+if os.environ.get("IREEOPT_REQUIRE_VULKAN") and not HAS_VULKAN:   # set by .ci/run, which installs lavapipe
+    raise RuntimeError("IREEOPT_REQUIRE_VULKAN is set but IREE finds no Vulkan device: is mesa-vulkan-drivers "
+                       "installed?")
 needs_vulkan = pytest.mark.skipif(not HAS_VULKAN, reason="no Vulkan device (install mesa-vulkan-drivers for lavapipe)")
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine (compile-only here)")
