@@ -92,7 +92,8 @@ class Device:
         self.vm_instance = rt.VmInstance()
         self.hal_module = rt.create_hal_module(self.vm_instance, self.hal_device)
         self._semaphore = self.hal_device.create_semaphore(0)
-        self._timeline = 0
+        self._timeline = 0              # value signalled by the last queued copy
+        self._copy_lock = threading.Lock()
 
     @classmethod
     def get(cls, name):
@@ -113,13 +114,20 @@ class Device:
         return DeviceBuffer(self, tuple(shape), dtype_name(dtype))
 
     def copy(self, source, target):
-        """Queue a buffer-to-buffer copy and wait for it."""
-        with self._lock:
+        """Queue a buffer-to-buffer copy after every copy queued before it; returns the
+        timeline value that signals its completion (see ``wait``)."""
+        with self._copy_lock:
             self._timeline += 1
             wait = rt.HalFence.create_at(self._semaphore, self._timeline - 1)
             signal = rt.HalFence.create_at(self._semaphore, self._timeline)
             self.hal_device.queue_copy(source, target, wait_semaphores=wait, signal_semaphores=signal)
-        signal.wait()
+            return self._timeline
+
+    def wait(self, value=None):
+        """Block until the copy that signals ``value`` (default: the last one queued) is done."""
+        value = self._timeline if value is None else value
+        if value:
+            rt.HalFence.create_at(self._semaphore, value).wait()
 
     def __repr__(self):
         suffix = "" if self.index is None else f":{self.index}"
@@ -155,6 +163,7 @@ class DeviceBuffer:
                 allowed_usage=rt.BufferUsage.TRANSFER | rt.BufferUsage.MAPPING,
                 allocation_size=self.nbytes)
             self._staged = self._map(self._staging)
+            self._pending = 0           # timeline value of the last copy through the staging buffer
         self.view = rt.HalBufferView(self.buffer, list(shape), _ELEMENT_TYPES[dtype])
 
     def _map(self, buffer):
@@ -164,16 +173,20 @@ class DeviceBuffer:
         return flat[:count * self.np_dtype.itemsize].view(self.np_dtype).reshape(self.shape)
 
     def write(self, array):
+        """Mapped: a memcpy.  Staged: fill the staging buffer and *queue* its copy to the device
+        (``Device.wait`` before the device reads it; the step does that once for all its inputs)."""
         if self.host is not None:
             np.copyto(self.host, array, casting="unsafe")
         else:
+            self.device.wait(self._pending)          # the staging buffer's previous copy is done
             np.copyto(self._staged, array, casting="unsafe")
-            self.device.copy(self._staging, self.buffer)
+            self._pending = self.device.copy(self._staging, self.buffer)
 
     def read(self):
         if self.host is not None:
             return self.host.copy()
-        self.device.copy(self.buffer, self._staging)
+        self._pending = self.device.copy(self.buffer, self._staging)
+        self.device.wait(self._pending)
         return self._staged.copy()
 
 

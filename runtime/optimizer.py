@@ -257,7 +257,8 @@ class Optimizer:
             excluded = [not v["weight_decay"] for v in self._artifact.variables]
         self._groups = self._group_buffers = None
         self._grad_buffers = {}      # (variable index, None | bucket) -> staging buffer(s), made once
-        if device.driver in flat.DRIVERS and not any(isinstance(v._buffer, flat.ImportedBuffer) for v in var_list):
+        if device.mappable and device.driver in flat.DRIVERS and \
+                not any(isinstance(v._buffer, flat.ImportedBuffer) for v in var_list):
             slots, averages = self._build_flat(var_list, excluded, device)
         else:
             slots = {k: [Variable(np.zeros(v.shape, numpy_dtype(slot_dtype(v.dtype))), name=f"{v.name}/{k}",
@@ -500,6 +501,7 @@ class Optimizer:
             for kind, array in arrays.items():
                 staging[kind].write(array)
         self._hyper_buffer.write(hyper)
+        self._device.wait()          # staged devices: every input copy queued above has landed
         if prepared.module is None:
             self._run_eager(prepared.spec, prepared.buffers)
         else:
@@ -555,7 +557,7 @@ class Optimizer:
 
         from ..kernels.step import flat_step
 
-        outs = flat_step(jnp, spec)(*[jnp.asarray(b.host) for b in buffers])
+        outs = flat_step(jnp, spec)(*[jnp.asarray(b.read()) for b in buffers])
         for i, out in zip(spec.donated, outs):
             buffers[i].write(np.asarray(out))
 

@@ -162,3 +162,32 @@ def test_variable_api():
         ireeopt.Variable([1.0], device="tpu")
     assert ireeopt.Variable(np.zeros(2, np.float16)).dtype == "float16"
     assert ireeopt.Variable(np.zeros(2), dtype="bfloat16").dtype == "bfloat16"
+
+
+@pytest.fixture
+def staged_device(monkeypatch):
+    """A local-task device treated as not host-mappable: its buffers are device-local and go
+    through host staging and queued copies, the path CUDA takes (no GPU is needed to test it)."""
+    device = Device("local-task", "llvm-cpu")
+    device.mappable = False
+    monkeypatch.setitem(Device._instances, ("local-task", 7), device)
+    return "local-task:7"
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_staged_buffers_give_the_mapped_result(staged_device, jit_compile):
+    results = []
+    for device in ("local-sync", staged_device):
+        rng = np.random.default_rng(4)
+        variables = [ireeopt.Variable(rng.standard_normal(s).astype(np.float32), name=f"w{i}", device=device)
+                     for i, s in enumerate([(64, 8), (8,), (30, 4)])]
+        opt = ireeopt.AdamW(learning_rate=0.01, amsgrad=True, use_ema=True, jit_compile=jit_compile)
+        for step in range(4):
+            grads = [rng.standard_normal(v.shape).astype(np.float32) for v in variables]
+            grads[2] = ireeopt.IndexedSlices(rng.standard_normal((5, 4)).astype(np.float32), rng.integers(0, 30, 5))
+            opt.apply_gradients(zip(grads, variables))
+        variables[1].assign(np.arange(8))
+        results.append([v.numpy() for v in variables] + [np.asarray(v.numpy()) for v in opt.variables])
+    assert all(v._buffer.host is None for v in variables)       # really staged
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
