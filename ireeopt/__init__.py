@@ -6,6 +6,7 @@ compiler are imported lazily, when a step has to be compiled.
 import importlib.metadata as _md
 
 from .kernels import schedules
+from .kernels.train import lookup
 from .runtime.artifact import ArtifactError, load
 from .runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .runtime.optimizer import Optimizer
@@ -35,4 +36,4 @@ def compile(optimizer, variables, targets=("llvm-cpu",), sparse=None, sparse_buc
 
 
 __all__ = ["Adam", "AdamW", "Adamax", "ArtifactError", "CheckpointError", "IndexedSlices", "Optimizer", "Variable",
-           "compile", "load", "load_checkpoint", "save_checkpoint", "schedules", "__version__"]
+           "compile", "load", "load_checkpoint", "lookup", "save_checkpoint", "schedules", "__version__"]

@@ -50,10 +50,15 @@ def _host_cpu():
 _STATIC = {}
 
 
-def cache_key(spec, target):
+def _static():
+    """What every cached module also depends on: kernel sources, host CPU, IREE version."""
     if not _STATIC:
         _STATIC.update(kernels=_kernel_sources_hash(), cpu=_host_cpu(), iree=iree_version())
-    key = {"spec": spec.to_json(), "target": target, "flags": target_flags(target, spec), **_STATIC}
+    return _STATIC
+
+
+def cache_key(spec, target):
+    key = {"spec": spec.to_json(), "target": target, "flags": target_flags(target, spec), **_static()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -119,6 +124,33 @@ def compile_vmfb(spec, target):
     except OSError:
         pass  # an unwritable cache only costs a recompile next time
     return vmfb
+
+
+def traced_module(key, lower, flags, device, what):
+    """The ``LoadedModule`` of StableHLO from ``lower()`` (called at most once per ``key``
+    in this process; jax is needed): the disk cache is keyed by the text itself."""
+    memory_key = (key, device.key)
+    with _lock:
+        module = _memory.get(memory_key)
+    if module is not None:
+        return module
+    text = lower()
+    digest = hashlib.sha256(json.dumps({"text": text, "flags": flags, **_static()}, sort_keys=True).encode())
+    path = cache_dir() / f"{digest.hexdigest()}.vmfb"
+    try:
+        vmfb = path.read_bytes()
+    except OSError:
+        from ..compiler import compile_mlir
+
+        with _SlowNotice(what):
+            vmfb = compile_mlir(text, flags)
+        try:
+            _write_atomic(path, vmfb)
+        except OSError:
+            pass
+    module = LoadedModule(device, vmfb)
+    with _lock:
+        return _memory.setdefault(memory_key, module)
 
 
 def step_module(spec, device):

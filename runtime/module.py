@@ -17,20 +17,22 @@ class LoadedModule:
         self.vm_module = rt.VmModule.copy_buffer(device.vm_instance, vmfb)
         self.context = rt.VmContext(device.vm_instance, modules=[device.hal_module, self.vm_module])
 
-    def step(self, name, spec):
-        return StepModule(self, name, spec)
+    def step(self, name, spec, n_results=None):
+        return StepModule(self, name, spec, n_results)
 
 
 class StepModule:
-    """One exported step function (``name``) of a loaded module, for structure ``spec``."""
+    """One exported function (``name``) of a loaded module, for structure ``spec`` (a
+    ``StepSpec`` or ``TrainSpec``: its results are its ``donated`` arguments), or with
+    ``n_results`` fresh results (the gradient function)."""
 
-    def __init__(self, loaded, name, spec):
+    def __init__(self, loaded, name, spec, n_results=None):
         self.loaded, self.spec = loaded, spec
         self.function = loaded.vm_module.lookup_function(name)
         if self.function is None:
             raise RuntimeError(f"the compiled module has no function {name!r}; recompile it")
         self.context = loaded.context
-        self.n_results = len(spec.donated)
+        self.n_results = len(spec.donated) if n_results is None else n_results
 
     def arguments(self, buffers):
         """A reusable VM argument list for ``buffers`` (DeviceBuffers, in ``spec.arguments()`` order)."""

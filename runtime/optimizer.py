@@ -17,6 +17,7 @@ from ..kernels.step import StepSpec, VarSpec, slot_dtype
 from .cache import step_module
 from .device import is_real, numpy_dtype
 from . import flat, sparse
+from .train import Training
 from .variable import Variable
 
 CLIP_SETTINGS = ("clipnorm", "global_clipnorm", "clipvalue")
@@ -59,7 +60,7 @@ class _PreparedStep:
         self.verified = False
 
 
-class Optimizer:
+class Optimizer(Training):
     """Base class of ``Adam``, ``AdamW`` and ``Adamax``; see those for the update rules."""
 
     _kind = None            # kernel name in kernels.step.OPTIMIZERS
@@ -270,7 +271,7 @@ class Optimizer:
         self._slots, self._averages, self._hyper_buffer = slots, averages, hyper
         self._scratch_buffers = {}   # variable index -> scratch table of sparse Adam, made once
         self._scratch_rows = {}      # variable index -> rows its scratch table holds (host copy)
-        self._device, self._prepared = device, {}
+        self._device, self._prepared, self._train_steps = device, {}, {}
         self._decay_excluded = excluded
         self.built = True
         if self.jit_compile:
@@ -383,14 +384,14 @@ class Optimizer:
             self._grad_buffers[key] = {kind: self._device.allocate(shape, dtype) for kind, shape, dtype in kinds}
         return self._grad_buffers[key]
 
-    def _stale_rows(self, i, grad):
+    def _stale_rows(self, i, bucket):
         """The rows the previous sparse step left in variable ``i``'s scratch table, padded to
-        this step's bucket; if they do not fit, the table is zero-filled on the host instead."""
+        this step's ``bucket``; if they do not fit, the table is zero-filled on the host instead."""
         stale = self._scratch_rows.get(i, np.zeros(0, np.int32))
-        if len(stale) > grad.bucket:
+        if len(stale) > bucket:
             self._scratch(i).write(np.zeros(self._vars[i].shape, np.float32))
             stale = stale[:0]
-        padded = np.full(grad.bucket, stale[0] if len(stale) else 0, np.int32)
+        padded = np.full(bucket, stale[0] if len(stale) else 0, np.int32)
         padded[:len(stale)] = stale
         return padded
 
@@ -496,7 +497,7 @@ class Optimizer:
         for (grad, _), i, staging in zip(order, indices, prepared.grad_buffers):
             arrays = grad.arrays() if isinstance(grad, sparse.SparseGradient) else {"grads": grad}
             if "stale" in staging:
-                arrays["stale"] = self._stale_rows(i, grad)
+                arrays["stale"] = self._stale_rows(i, grad.bucket)
                 scratch_rows[i] = grad.indices[:grad.count]
             for kind, array in arrays.items():
                 staging[kind].write(array)
