@@ -8,7 +8,9 @@ can recompile it: ``ireeopt recompile DIR``) and one ``<target>.vmfb`` per targe
 
 Functions: ``step`` (every variable gets a dense gradient) and, when some variables
 are marked sparse, ``step_sparse_<K>`` for each bucket K (those variables get
-IndexedSlices padded to K rows, the others dense gradients).
+IndexedSlices padded to K rows, the others dense gradients); with a loss, also
+``train_step`` (``opt.minimize``: forward, backward and update in one call; its
+``TrainSpec`` is the manifest's ``train`` entry).
 """
 import datetime
 import hashlib
@@ -120,13 +122,38 @@ def target_entry(target, vmfb, flags):
             "bytes": len(vmfb)}
 
 
+def _train_entry(optimizer, specs, loss, batch):
+    """(TrainSpec, StableHLO text) of ``loss`` over the artifact's variables and ``batch``
+    (example arrays: only their shapes and dtypes are compiled in)."""
+    from ..runtime.train import batch_arrays
+    from .train import analyze, lower_train_step
+
+    leaves, tree = batch_arrays(batch)
+    decay = [s[4] for s in specs]
+
+    def make_step(trained, varspecs):
+        return StepSpec(optimizer._kind, tuple(varspecs), tuple(decay[i] for i in trained), optimizer._clip()[0],
+                        getattr(optimizer, "amsgrad", False), optimizer.use_ema)
+
+    tspec, untrained = analyze(loss, [(s[1], s[2]) for s in specs], [(a.shape, a.dtype.name) for a in leaves],
+                               tree, make_step)
+    if untrained:
+        raise ValueError(f"the loss does not read the variable(s) {[specs[i][0] for i in untrained]}; leave them "
+                         "out of the artifact's variables")
+    return tspec, lower_train_step(tspec, loss)
+
+
 def compile_artifact(optimizer, variables, targets=("llvm-cpu",), sparse=None,
-                     sparse_buckets=DEFAULT_SPARSE_BUCKETS):
+                     sparse_buckets=DEFAULT_SPARSE_BUCKETS, loss=None, batch=None):
     """Compile every step ``optimizer`` needs for ``variables`` for each of ``targets``.
 
     ``variables``: ireeopt.Variables, or ``{name: {"shape": [...], "dtype": "float32",
     "sparse": bool}}``.  ``sparse``: names of Variables that take IndexedSlices gradients.
+    ``loss`` and ``batch`` (an example batch): also compile the train step of
+    ``opt.minimize(loss, variables, batch)`` as the function ``train_step``.
     """
+    if (loss is None) != (batch is None):
+        raise ValueError("give both `loss` and an example `batch` to compile a train step, or neither")
 
     targets = list(dict.fromkeys(targets))
     for t in targets:
@@ -138,9 +165,9 @@ def compile_artifact(optimizer, variables, targets=("llvm-cpu",), sparse=None,
         raise ValueError("an artifact needs a number or a schedule as learning rate, not a callable "
                          "(a callable cannot be saved in the manifest)")
     buckets = sorted({int(k) for k in sparse_buckets})
-    if not buckets or buckets[0] < 1:
-        raise ValueError(f"sparse_buckets must be positive sizes, got {sparse_buckets}")
     specs = _variable_specs(optimizer, variables, sparse)
+    if any(s[3] for s in specs) and (not buckets or buckets[0] < 1):
+        raise ValueError(f"sparse_buckets must be positive sizes, got {sparse_buckets}")
     names = [s[0] for s in specs]
     clip = optimizer._clip()[0]
     amsgrad = getattr(optimizer, "amsgrad", False)
@@ -154,7 +181,11 @@ def compile_artifact(optimizer, variables, targets=("llvm-cpu",), sparse=None,
     functions = {"step": step_spec(None)}
     if any(s[3] for s in specs):
         functions.update({f"step_sparse_{k}": step_spec(k) for k in buckets})
-    source = merge_modules({name: lower_step(spec) for name, spec in functions.items()})
+    texts = {name: lower_step(spec) for name, spec in functions.items()}
+    train = None
+    if loss is not None:
+        train, texts["train_step"] = _train_entry(optimizer, specs, loss, batch)
+    source = merge_modules(texts)
     compiled = compile_modules(source, targets)
     config = optimizer.get_config()
     json.dumps(config)   # must be serialisable (a schedule serialises as a dict)
@@ -171,6 +202,12 @@ def compile_artifact(optimizer, variables, targets=("llvm-cpu",), sparse=None,
         "scalars": list(functions["step"].scalars),
         "sparse_buckets": buckets if len(functions) > 1 else [],
         "functions": [_function_entry(name, spec, names) for name, spec in functions.items()],
+        "train": None if train is None else {
+            "name": "train_step", "spec": train.to_json(),
+            "arguments": [{"kind": kind, **({"batch": k} if kind == "batch" else
+                                            {"variable": None if k is None else names[train.trained[k]]}),
+                           "shape": list(shape), "dtype": dtype} for kind, k, shape, dtype in train.arguments()],
+            "results_alias_arguments": train.donated},
         "source": SOURCE,
         "targets": {t: target_entry(t, vmfb, flags) for t, (vmfb, flags) in compiled.items()},
     }

@@ -59,6 +59,9 @@ def _info(args):
         print(f"    {v['name']}: {v['dtype']}{v['shape']} {' '.join(flags)}")
     print(f"  slots: {', '.join(m['slots'])}{' + EMA averages' if m['ema'] else ''}")
     print(f"  functions: {', '.join(f['name'] for f in m['functions'])} (hyper scalars: {', '.join(m['scalars'])})")
+    if m.get("train"):
+        batch = [f"{a['dtype']}{a['shape']}" for a in m["train"]["arguments"] if a["kind"] == "batch"]
+        print(f"  train step: {m['train']['name']} (forward + backward + update in one call; batch {', '.join(batch)})")
     print("  targets:")
     for name, t in m["targets"].items():
         print(f"    {name}: {t['module']} {t['bytes']} bytes sha256 {t['sha256'][:16]}... flags {' '.join(t['flags'])}")

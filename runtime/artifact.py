@@ -8,6 +8,7 @@ import pathlib
 from ..compiler.artifact import MANIFEST, SCHEMA     # the format's constants (no JAX, no compiler)
 from ..compiler.targets import DRIVERS
 from ..kernels.step import StepSpec
+from ..kernels.train import TrainSpec
 from .device import Device
 from .module import LoadedModule
 
@@ -78,6 +79,8 @@ class LoadedArtifact:
         self.variables = manifest["variables"]
         self.buckets = manifest.get("sparse_buckets", [])
         self._steps = {}
+        train = manifest.get("train")
+        self.train = None if train is None else (train["name"], TrainSpec.from_json(train["spec"]))
 
     def step(self, spec):
         if spec not in self.functions:
@@ -85,6 +88,30 @@ class LoadedArtifact:
         if spec not in self._steps:
             self._steps[spec] = self.module.step(self.functions[spec], spec)
         return self._steps[spec]
+
+    def train_step(self):
+        name, tspec = self._train()
+        if name not in self._steps:
+            self._steps[name] = self.module.step(name, tspec)
+        return self._steps[name]
+
+    def train_spec(self, leaves, tree):
+        """The compiled ``TrainSpec``, after checking the batch matches what it was compiled for."""
+        _, tspec = self._train()
+        kind, layout = next(iter(tree.items()))
+        got = (tuple((tuple(a.shape), a.dtype.name) for a in leaves),
+               (kind, tuple(layout) if isinstance(layout, list) else layout))
+        if got != (tspec.batch, tspec.tree):
+            raise ValueError(f"the artifact's train step was compiled for a batch {tspec.tree_dict} of arrays "
+                             f"{[(s, d) for s, d in tspec.batch]}, got {tree} of "
+                             f"{[(tuple(a.shape), a.dtype.name) for a in leaves]}")
+        return tspec
+
+    def _train(self):
+        if self.train is None:
+            raise ValueError(f"the artifact {self.path} has no train step: compile it with "
+                             "ireeopt.compile(..., loss=..., batch=...)")
+        return self.train
 
     def describe_missing(self, spec):
         names = [v["name"] for v in self.variables]

@@ -244,6 +244,11 @@ class Optimizer(Training):
 
     def build(self, var_list):
         """Create the slots (and EMA averages) of exactly ``var_list``; compile the step."""
+        self._build(var_list, compile_step=True)
+
+    def _build(self, var_list, compile_step):
+        """``build``; ``compile_step=False`` (``minimize``) leaves the ``apply_gradients`` step
+        to its first use."""
         var_list = list(var_list)
         if self.built:
             return
@@ -274,7 +279,7 @@ class Optimizer(Training):
         self._device, self._prepared, self._train_steps = device, {}, {}
         self._decay_excluded = excluded
         self.built = True
-        if self.jit_compile:
+        if self.jit_compile and compile_step:
             try:
                 everything = tuple(range(len(var_list)))
                 if self._groups_apply(everything, (None,) * len(var_list)):

@@ -149,6 +149,8 @@ class Training:
         """Validate everything on the host; returns (the prepared step, batch arrays)."""
         var_list = list(var_list)
         if self._artifact is not None:
+            self._check_variables(var_list, "minimize")
+            var_list = self._match_artifact(var_list)     # the compiled order
             if loss is not None:
                 raise ValueError("this optimizer was loaded from an artifact: pass loss=None to run the train "
                                  "step compiled into it (a new loss needs ireeopt.compile)")
@@ -167,7 +169,7 @@ class Training:
         leaves, tree = batch_arrays(batch)
         self._clip()
         if not self.built:
-            self.build(var_list)
+            self._build(var_list, compile_step=False)
         order = tuple(self._index[id(v)] for v in var_list)
         key = (loss, order, signature(leaves, tree), gradients, self._structure_key())
         prepared = self._train_steps.get(key)
@@ -187,7 +189,7 @@ class Training:
 
     def _prepare_train(self, loss, var_list, order, leaves, tree, gradients):
         if self._artifact is not None:
-            tspec = self._artifact.train_spec(var_list, leaves, tree)
+            tspec = self._artifact.train_spec(leaves, tree)
             module = self._artifact.train_step()
         else:
             from ..compiler.train import analyze, lower_gradients, lower_train_step
