@@ -37,13 +37,18 @@ DRIVERS = {"llvm-cpu": ("local-sync", "local-task"), "llvm-cpu:generic": ("local
 AGGRESSIVE_FUSION = "--iree-dispatch-creation-enable-aggressive-fusion"
 
 
-def target_flags(target, spec=None):
+def target_flags(target, spec=None, text=None):
     """The exact iree-compile flags for ``target`` (and the step structure ``spec``; with
-    ``spec=None``, for a module that may hold sparse steps)."""
+    ``spec=None``, for a module that may hold sparse steps).  ``text``: the StableHLO, when
+    it is more than an optimizer step (a train step): one with any scatter (the gradient of
+    a gather) is compiled without aggressive fusion, which fails on it for llvm-cpu
+    ("exceeded stack allocation limit")."""
     if target not in TARGETS:
         raise ValueError(f"unknown compile target {target!r}; available: {sorted(TARGETS)}")
     flags = list(TARGETS[target])
     dense = spec is not None and all(v.sparse is None for v in spec.variables)
+    if text is not None and "stablehlo.scatter" in text:
+        dense = False
     if target.startswith("llvm-cpu") and dense:
         flags.append(AGGRESSIVE_FUSION)
     return flags

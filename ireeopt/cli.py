@@ -113,7 +113,12 @@ def main(argv=None):
     sub.add_parser("versions", help="print the versions of ireeopt and the IREE packages in use")
     sub.add_parser("bench", help="time an Adam step across devices and peers (see `ireeopt bench --help`)",
                    add_help=False)
+    sub.add_parser("demo", help="fine-tune two small models on the digits data, one compiled call per step "
+                   "(see `ireeopt demo --help`)", add_help=False)
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        from ireeopt.demo import main as demo
+        return demo(argv[1:])
     if argv[:1] == ["bench"]:
         from ireeopt.bench.compare import main as bench
         return bench(argv[1:])

@@ -128,13 +128,16 @@ def compile_vmfb(spec, target):
 
 def traced_module(key, lower, flags, device, what):
     """The ``LoadedModule`` of StableHLO from ``lower()`` (called at most once per ``key``
-    in this process; jax is needed): the disk cache is keyed by the text itself."""
+    in this process; jax is needed): the disk cache is keyed by the text itself.
+    ``flags``: the iree-compile flags, or a function of the text that returns them."""
     memory_key = (key, device.key)
     with _lock:
         module = _memory.get(memory_key)
     if module is not None:
         return module
     text = lower()
+    if callable(flags):
+        flags = flags(text)
     digest = hashlib.sha256(json.dumps({"text": text, "flags": flags, **_static()}, sort_keys=True).encode())
     path = cache_dir() / f"{digest.hexdigest()}.vmfb"
     try:

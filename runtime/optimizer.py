@@ -114,6 +114,7 @@ class Optimizer(Training):
         self.ema_overwrite_frequency = ema_overwrite_frequency
         self.jit_compile = jit_compile
         self._iterations = 0
+        self._device_calls = 0       # compiled-module invocations (see device_calls)
         self._artifact = None
         self.built = False
         self._vars = []
@@ -161,6 +162,13 @@ class Optimizer(Training):
         return np.float32(lr)
 
     # ------------------------------------------------------------------ iterations & variables
+    @property
+    def device_calls(self):
+        """How many compiled-module invocations this optimizer has made: one per
+        ``apply_gradients``, ``minimize`` or ``compute_gradients`` (``jit_compile=False``
+        makes none)."""
+        return self._device_calls
+
     @property
     def iterations(self):
         """The int64 count of completed steps."""
@@ -512,6 +520,7 @@ class Optimizer(Training):
             self._run_eager(prepared.spec, prepared.buffers)
         else:
             results = prepared.module(prepared.args)
+            self._device_calls += 1
             if not prepared.verified:
                 self._verify_in_place(prepared, results)
                 prepared.verified = True

@@ -15,7 +15,7 @@ from ireeopt.runtime.module import StepModule
 
 from .reference import Reference
 
-R, D, F, C, B, L = 50, 6, 5, 4, 8, 3        # table rows, row width, features, classes, batch, ids per example
+R, D, F, C, B, L = 200, 6, 5, 4, 8, 3       # table rows, row width, features, classes, batch, ids per example
 NAMES = ["embedding", "kernel", "proj", "bias"]
 # float32 forward/backward on the device against float64 gradients in the reference
 RTOL, ATOL = 2e-5, 2e-6
@@ -27,11 +27,11 @@ def _init(seed=0):
             rng.standard_normal((D, C)).astype(np.float32) * 0.3, np.zeros(C, np.float32)]
 
 
-def _batches(n, seed=1):
+def _batches(n, seed=1, b=B, ids=L):
     rng = np.random.default_rng(seed)
     # few distinct ids, so that duplicates are common
-    return [(rng.integers(0, R // 2, (B, L)), rng.standard_normal((B, F)).astype(np.float32),
-             rng.integers(0, C, B)) for _ in range(n)]
+    return [(rng.integers(0, R // 8, (b, ids)), rng.standard_normal((b, F)).astype(np.float32),
+             rng.integers(0, C, b)) for _ in range(n)]
 
 
 def loss_lookup(values, batch):
@@ -59,17 +59,18 @@ def numpy_loss_and_grads(params, batch):
     """float64 loss and gradients by hand: the table's as occurrence rows ("sparse", rows, ids)."""
     table, kernel, proj, bias = (np.asarray(p, np.float64) for p in params)
     ids, x, y = batch
+    b, n = ids.shape
     x = x.astype(np.float64)
     s = table[ids].sum(axis=1)
     logits = x @ kernel + s @ proj + bias
     logits = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    loss = -np.mean(np.log(p[np.arange(B), y]))
+    loss = -np.mean(np.log(p[np.arange(b), y]))
     d = p.copy()
-    d[np.arange(B), y] -= 1
-    d /= B
-    ds = d @ proj.T                                       # [B, D], the same for each of an example's ids
-    rows = np.repeat(ds[:, None, :], L, axis=1).reshape(-1, D)
+    d[np.arange(b), y] -= 1
+    d /= b
+    ds = d @ proj.T                                       # [b, D], the same for each of an example's ids
+    rows = np.repeat(ds[:, None, :], n, axis=1).reshape(-1, D)
     return loss, [("sparse", rows, ids.reshape(-1)), x.T @ d, s.T @ d, d.sum(axis=0)]
 
 
@@ -150,6 +151,30 @@ def test_sparse_lookup_equals_dense_gather_for_adam():
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
+def _train_spec(opt):
+    (prepared,) = opt._train_steps.values()
+    return prepared.tspec
+
+
+def test_adam_takes_a_dense_gradient_where_that_is_faster():
+    """Adam without clipping: a table whose lookups cover >= a quarter of its rows gets a
+    dense gradient (the same update); fewer ids, clipping or Adamax keep the sparse rule."""
+    many = _batches(4, b=16, ids=16)            # 256 ids on 200 rows
+    cases = [(ireeopt.Adam(learning_rate=0.01), many, None, {}),
+             (ireeopt.Adam(learning_rate=0.01), _batches(4), 24, {}),
+             (ireeopt.Adam(learning_rate=0.01, clipvalue=0.01), many, 256, dict(clipvalue=0.01)),
+             (ireeopt.Adamax(learning_rate=0.01), many, 256, {})]
+    for opt, batches, sparse, kwargs in cases:
+        variables = _variables()
+        ref = Reference(type(opt).__name__.lower(), _init(), NAMES, learning_rate=0.01, **kwargs)
+        for batch in batches:
+            opt.minimize(loss_lookup, variables, batch)
+            ref.step(numpy_loss_and_grads(ref.p, batch)[1])
+        assert _train_spec(opt).step.variables[0].sparse == sparse, type(opt).__name__
+        for v, expected in zip(variables, ref.p):
+            np.testing.assert_allclose(v.numpy(), expected, rtol=RTOL, atol=ATOL, err_msg=v.name)
+
+
 def test_compute_gradients():
     variables = _variables()
     opt = ireeopt.Adam(learning_rate=0.01)
@@ -185,6 +210,7 @@ def test_one_module_call_per_step(monkeypatch):
     for batch in batches[1:]:
         opt.minimize(loss_lookup, variables, batch)
     assert len(calls) == 3 and len({id(m) for m in calls}) == 1
+    assert opt.device_calls == 4
     # its results are the very buffers passed in (parameters, slots, averages, scratch, loss)
     assert opt._train_steps and all(p.verified for p in opt._train_steps.values())
 
