@@ -157,7 +157,7 @@ def _train_spec(opt):
 
 
 def test_adam_takes_a_dense_gradient_where_that_is_faster():
-    """Adam without clipping: a table whose lookups cover >= a quarter of its rows gets a
+    """Adam without clipping: a table looked up with >= rows/8 ids per step gets a
     dense gradient (the same update); fewer ids, clipping or Adamax keep the sparse rule."""
     many = _batches(4, b=16, ids=16)            # 256 ids on 200 rows
     cases = [(ireeopt.Adam(learning_rate=0.01), many, None, {}),
