@@ -18,6 +18,16 @@ A sparse Adam variable also has a donated float32 "scratch" table after the EMA
 averages (argument and result), and, before "hyper", a "stale" [K] int32 list of the
 rows the previous sparse step left in it.
 
+With ``grad_views`` (CPU flat storage) each dense gradient is a flat buffer of
+``size + GRAD_SLACK`` elements and a "grad_view" [variables, 2] int32 argument before
+"hyper" says where in it the gradient starts and how many elements are real (the rest
+read as zero)::
+
+    grad = where(iota(size) < count, buffer[start : start + size], 0).reshape(shape)
+
+so the runtime can pass a caller's numpy gradient in place (imported from the 64-byte
+boundary at or before its first element, start < GRAD_SLACK) instead of copying it.
+
 Every state argument is donated: output ``i`` is written into the buffer of
 argument ``spec.donated[i]``.
 """
@@ -31,6 +41,14 @@ OPTIMIZERS = {"adam": adam, "adamax": adamax}
 COMMON_SCALARS = ("lr", "wd", "clip", "ema_momentum", "ema_one_minus", "ema_overwrite")
 LOW_PRECISION = ("float16", "bfloat16")
 SUPPORTED_DTYPES = ("float32",) + LOW_PRECISION
+GRAD_SLACK = 16                  # elements: a 64-byte boundary is at most 15 float32 before any element
+
+
+def size_of(shape):
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def slot_dtype(dtype):
@@ -61,6 +79,7 @@ class StepSpec:
     clip: str = None               # None | "clipnorm" | "global_clipnorm" | "clipvalue"
     amsgrad: bool = False
     use_ema: bool = False
+    grad_views: bool = False       # dense gradients as flat buffers + "grad_view" (see the module doc)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -95,11 +114,16 @@ class StepSpec:
         """``[(kind, variable index, shape, dtype)]`` of the flat signature."""
         args = [("params", i, v.shape, v.dtype) for i, v in enumerate(self.variables)]
         for i, v in enumerate(self.variables):
+            if self.grad_views and v.sparse is None:
+                args.append(("grads", i, (size_of(v.shape) + GRAD_SLACK,), v.dtype))
+                continue
             args += [(kind, i, shape, dtype) for kind, shape, dtype in v.gradient_arguments()]
         for kind in self.state_names[1:]:
             args += [(kind, i, v.shape, slot_dtype(v.dtype)) for i, v in enumerate(self.variables)]
         args += [("scratch", i, self.variables[i].shape, "float32") for i in self.scratch_variables]
         args += [("stale", i, (self.variables[i].sparse,), "int32") for i in self.scratch_variables]
+        if self.grad_views:
+            args.append(("grad_view", None, (len(self.variables), 2), "int32"))
         return args + [("hyper", None, (len(self.scalars),), "float32")]
 
     @property
@@ -121,16 +145,19 @@ class StepSpec:
         return [args[i] for i in self.donated]
 
     def to_json(self):
-        return {"optimizer": self.optimizer, "clip": self.clip, "amsgrad": self.amsgrad,
-                "use_ema": self.use_ema, "decay": list(self.decay),
-                "variables": [{"shape": list(v.shape), "dtype": v.dtype, "sparse": v.sparse}
-                              for v in self.variables]}
+        d = {"optimizer": self.optimizer, "clip": self.clip, "amsgrad": self.amsgrad,
+             "use_ema": self.use_ema, "decay": list(self.decay),
+             "variables": [{"shape": list(v.shape), "dtype": v.dtype, "sparse": v.sparse}
+                           for v in self.variables]}
+        if self.grad_views:
+            d["grad_views"] = True
+        return d
 
     @classmethod
     def from_json(cls, d):
         return cls(d["optimizer"], tuple(VarSpec(tuple(v["shape"]), v["dtype"], v.get("sparse"))
                                          for v in d["variables"]),
-                   tuple(d["decay"]), d["clip"], d["amsgrad"], d["use_ema"])
+                   tuple(d["decay"]), d["clip"], d["amsgrad"], d["use_ema"], d.get("grad_views", False))
 
     def digest(self):
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
@@ -194,6 +221,10 @@ def flat_step(xp, spec):
         grads = [named["grads"][i] if v.sparse is None else
                  {k: named[k][i] for k in ("rows", "indices", "count", "sumsq", "stale") if i in named.get(k, {})}
                  for i, v in enumerate(spec.variables)]
+        if spec.grad_views:
+            view = named["grad_view"][None]
+            grads = [_viewed(xp, g, view[i, 0], view[i, 1], v.shape) if v.sparse is None else g
+                     for i, (g, v) in enumerate(zip(grads, spec.variables))]
         slots = {k: [named[k][i] for i in range(n)] for k in spec.slot_names}
         averages = [named["ema"][i] for i in range(n)] if spec.use_ema else []
         p, s, a, z = step(xp, spec, [named["params"][i] for i in range(n)], grads, slots, averages,
@@ -204,3 +235,13 @@ def flat_step(xp, spec):
         return tuple(out + a + [z[i] for i in spec.scratch_variables])
 
     return fn
+
+
+def _viewed(xp, buffer, start, count, shape):
+    """``count`` elements of the flat ``buffer`` from ``start``, then zeros, as ``shape``."""
+    from jax import lax      # ``xp`` is jax.numpy here: only the compiled CPU path has views
+
+    size = size_of(shape)
+    window = lax.dynamic_slice(buffer, (start,), (size,))
+    real = lax.iota("int32", size) < count
+    return xp.where(real, window, xp.zeros((), buffer.dtype)).reshape(shape)

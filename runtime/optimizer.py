@@ -5,6 +5,7 @@ learning rate, compute the float32 step constants, copy the gradients into
 their persistent device buffers, and make **one** call of the compiled step
 module, which updates parameters, slots and EMA averages in place.
 """
+import dataclasses
 import numbers
 import re
 import warnings
@@ -13,7 +14,7 @@ import numpy as np
 
 from ..kernels import ema as ema_kernel
 from ..kernels import schedules
-from ..kernels.step import StepSpec, VarSpec, slot_dtype
+from ..kernels.step import GRAD_SLACK, StepSpec, VarSpec, slot_dtype
 from .cache import step_module
 from .device import is_real, numpy_dtype
 from . import flat, sparse
@@ -58,6 +59,19 @@ class _PreparedStep:
         self.spec, self.module, self.args = spec, module, args
         self.buffers, self.grad_buffers = buffers, grad_buffers
         self.verified = False
+        self.in_place = None           # group steps: per group, the caller's gradient passed in place
+
+
+class _GroupViews:
+    """A group step's "grad_view" input and the gradients it currently passes in place."""
+
+    def __init__(self, device, lengths, args):
+        self.lengths = lengths
+        self.host = np.array([[0, n] for n in lengths], np.int32)
+        self.buffer = device.allocate(self.host.shape, "int32")
+        self.buffer.write(self.host)
+        self.imported = [None] * len(lengths)     # flat.InPlaceGradient or None, per group
+        self.staged_args = args
 
 
 class Optimizer(Training):
@@ -307,14 +321,17 @@ class Optimizer(Training):
             groups.setdefault((v.dtype, excluded[i]), []).append(i)
         self._groups = [(dtype, excl, members) for (dtype, excl), members in groups.items()]
         kinds = ["params", "grads"] + list(self._slot_names) + (["ema"] if self.use_ema else [])
-        self._group_buffers = {k: [] for k in kinds}
+        self._group_buffers = {k: [] for k in kinds + ["grads_slack"]}
         slots = {k: [None] * len(var_list) for k in self._slot_names}
         averages = [None] * len(var_list) if self.use_ema else []
         for dtype, _, members in self._groups:
             shapes = [var_list[i].shape for i in members]
             for kind in kinds:
                 group, parts = flat.arena(device, shapes, dtype if kind in ("params", "grads") else slot_dtype(dtype),
-                                          layout_dtype=dtype)
+                                          layout_dtype=dtype, slack=GRAD_SLACK if kind == "grads" else 0)
+                if kind == "grads":        # (exact, with the slack a grad-view step reads)
+                    group, with_slack = group
+                    self._group_buffers["grads_slack"].append(with_slack)
                 self._group_buffers[kind].append(group)
                 for i, part in zip(members, parts):
                     var = var_list[i]
@@ -343,10 +360,61 @@ class Optimizer(Training):
             spec = self._structure([VarSpec(g.shape, dtype) for g, (dtype, _, _) in
                                     zip(self._group_buffers["params"], self._groups)],
                                    [not excl for _, excl, _ in self._groups])
-            buffers = [self._hyper_buffer if kind == "hyper" else self._group_buffers[kind][j]
-                       for kind, j, _, _ in spec.arguments()]
-            self._prepared[key] = self._prepared_step(spec, buffers, [self._grad_buffers[(i, None)] for i in indices])
+            lengths = [g.shape[0] for g in self._group_buffers["params"]]
+            # gradients passed in place need a grad-view step: only where some group can take
+            # one (one large float32 variable), and not with EMA, where IREE then stages the
+            # viewed gradient through a transient buffer of its size every step
+            if self.jit_compile and not self.use_ema and any(
+                    len(members) == 1 and dtype == "float32" and 4 * n >= flat.IN_PLACE_MIN_BYTES
+                    for n, (dtype, _, members) in zip(lengths, self._groups)):
+                spec = dataclasses.replace(spec, grad_views=True)
+            views = _GroupViews(self._device, lengths, None) if spec.grad_views else None
+            sources = dict(self._group_buffers, **({"grads": self._group_buffers["grads_slack"]} if views else {}))
+            buffers = [self._hyper_buffer if kind == "hyper" else views.buffer if kind == "grad_view"
+                       else sources[kind][j] for kind, j, _, _ in spec.arguments()]
+            prepared = self._prepared_step(spec, buffers, [self._grad_buffers[(i, None)] for i in indices])
+            if views is not None:
+                views.staged_args = prepared.args
+                prepared.in_place = views
+            self._prepared[key] = prepared
         return self._prepared[key]
+
+    def _stage_groups(self, prepared, order):
+        """Fill a group step's gradients: a large float32 gradient of a one-variable group is
+        passed where it lies (``flat.InPlaceGradient``), every other one copied into staging."""
+        views = prepared.in_place
+        grads = {self._index[id(v)]: g for g, v in order}
+        changed = False
+        host = views.host.copy()
+        for j, (dtype, _, members) in enumerate(self._groups):
+            length = views.lengths[j]
+            grad = grads[members[0]] if len(members) == 1 else None
+            if grad is not None and flat.InPlaceGradient.possible(grad, length):
+                current = views.imported[j]
+                if current is None or current.array is not grad:
+                    views.imported[j] = flat.InPlaceGradient(self._device, grad, length)
+                    changed = True
+                host[j] = (views.imported[j].start, grad.size)
+                continue
+            if views.imported[j] is not None:
+                views.imported[j] = None
+                changed = True
+            for i in members:
+                self._grad_buffers[(i, None)]["grads"].write(grads[i])
+            host[j] = (0, length)
+        if changed:
+            buffers = list(prepared.buffers)
+            for j, imported in enumerate(views.imported):
+                if imported is not None:
+                    buffers[self._group_grads_argument(prepared.spec, j)] = imported
+            prepared.args = prepared.module.arguments(buffers) if any(views.imported) else views.staged_args
+        if not np.array_equal(host, views.host):
+            views.host = host
+            views.buffer.write(host)
+
+    @staticmethod
+    def _group_grads_argument(spec, j):
+        return next(a for a, (kind, k, _, _) in enumerate(spec.arguments()) if kind == "grads" and k == j)
 
     def _prepared_step(self, spec, buffers, grad_buffers):
         """A ``_PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,
@@ -507,6 +575,9 @@ class Optimizer(Training):
             prepared = self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)
         scratch_rows = {}
+        if prepared.in_place is not None:
+            self._stage_groups(prepared, order)
+            order = ()
         for (grad, _), i, staging in zip(order, indices, prepared.grad_buffers):
             arrays = grad.arrays() if isinstance(grad, sparse.SparseGradient) else {"grads": grad}
             if "stale" in staging:

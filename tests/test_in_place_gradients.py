@@ -1,0 +1,77 @@
+"""Large float32 gradients are passed to the compiled step where they lie (CPU flat
+storage, kernels/step.py "grad views"), not copied: the step reads exactly the caller's
+elements, never writes them, and matches the float64 reference."""
+import numpy as np
+import pytest
+
+import ireeopt
+from ireeopt.runtime import flat
+
+from .reference import Reference
+
+N = (flat.IN_PLACE_MIN_BYTES // 4) + 5          # not a multiple of 16: the group has padding
+
+
+def _poisoned(values, offset):
+    """``values`` as a C-contiguous slice of a larger array whose other elements are huge:
+    a step that read one element outside the slice would blow up."""
+    backing = np.full(len(values) + offset + 40, 1e30, np.float32)
+    backing[offset:offset + len(values)] = values
+    return backing, backing[offset:offset + len(values)]
+
+
+@pytest.mark.parametrize("device", ["local-sync", "local-task"])
+@pytest.mark.parametrize("kwargs", [{}, {"global_clipnorm": 1.0}, {"clipvalue": 0.01, "weight_decay": 0.1},
+                                    {"amsgrad": True}])
+def test_in_place_gradients_match_the_reference(device, kwargs):
+    rng = np.random.default_rng(0)
+    init = rng.standard_normal(N).astype(np.float32)
+    var = ireeopt.Variable(init, name="w", device=device)
+    opt = ireeopt.Adam(learning_rate=0.01, **kwargs)
+    ref = Reference("adam", [init], ["w"], learning_rate=0.01, **kwargs)
+    for step, offset in enumerate([0, 1, 3, 7, 13]):
+        backing, grad = _poisoned(rng.standard_normal(N).astype(np.float32), offset)
+        before = backing.copy()
+        opt.apply_gradients([(grad, var)])
+        ref.step([grad])
+        np.testing.assert_array_equal(backing, before)       # nothing of the caller's memory was written
+        (prepared,) = opt._prepared.values()
+        assert prepared.in_place is not None and prepared.in_place.imported[0].array is grad
+        np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6, err_msg=f"step {step}")
+    np.testing.assert_allclose(opt.variables[1].numpy(), ref.m[0], rtol=2e-5, atol=2e-6)
+
+
+def test_a_reused_gradient_array_is_read_again_each_step():
+    rng = np.random.default_rng(1)
+    init = rng.standard_normal(N).astype(np.float32)
+    var = ireeopt.Variable(init, name="w")
+    opt = ireeopt.Adam(learning_rate=0.01)
+    ref = Reference("adam", [init], ["w"], learning_rate=0.01)
+    grad = np.empty(N, np.float32)
+    for _ in range(3):
+        grad[:] = rng.standard_normal(N)                      # the caller refills the same array
+        opt.apply_gradients([(grad, var)])
+        ref.step([grad.copy()])
+    np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
+
+
+def test_small_other_dtype_and_strided_gradients_are_copied():
+    rng = np.random.default_rng(2)
+    init = rng.standard_normal(N).astype(np.float32)
+    var = ireeopt.Variable(init, name="w")
+    opt = ireeopt.Adam(learning_rate=0.01)
+    ref = Reference("adam", [init], ["w"], learning_rate=0.01)
+    (prepared,) = [None]
+    for grad in (rng.standard_normal(2 * N).astype(np.float32)[::2],    # strided
+                 rng.standard_normal(N),                                # float64
+                 rng.standard_normal(N).astype(np.float32)):            # in place
+        opt.apply_gradients([(grad, var)])
+        ref.step([np.asarray(grad, np.float32)])
+        (prepared,) = opt._prepared.values()
+    assert prepared.in_place.imported[0] is not None
+    np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
+    small = ireeopt.Variable(np.ones(1000, np.float32), name="small")
+    opt2 = ireeopt.Adam()
+    opt2.apply_gradients([(np.ones(1000, np.float32), small)])
+    (prepared,) = opt2._prepared.values()
+    assert prepared.in_place is None and not prepared.spec.grad_views
