@@ -80,6 +80,22 @@ def arena(device, shapes, dtype, layout_dtype=None, slack=0):
     return (group, ImportedBuffer(device, flat, dtype)) if slack else group, members
 
 
+def on_device(buffer, device):
+    """``buffer`` (an ``ImportedBuffer``, or a mapped ``DeviceBuffer`` of another local
+    driver) imported into ``device`` too: the same host memory, no copy."""
+    if buffer.device is device:
+        return buffer
+    return ImportedBuffer(device, buffer.host, buffer.dtype)
+
+
+def host_buffer(device, shape, dtype):
+    """A zero-filled ``ImportedBuffer`` of our own memory on ``device``."""
+    np_dtype = numpy_dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64))
+    return ImportedBuffer(device, _aligned_zeros(max(size, 1) * np_dtype.itemsize).view(np_dtype)[:size]
+                          .reshape(shape), dtype)
+
+
 class InPlaceGradient:
     """A caller's float32 gradient imported into the device where it lies: the flat
     ``length + GRAD_SLACK`` elements from the 64-byte boundary at or before its first

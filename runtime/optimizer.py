@@ -16,7 +16,7 @@ from ..kernels import ema as ema_kernel
 from ..kernels import schedules
 from ..kernels.step import GRAD_SLACK, StepSpec, VarSpec, slot_dtype
 from .cache import step_module
-from .device import is_real, numpy_dtype
+from .device import Device, is_real, numpy_dtype
 from . import flat, sparse
 from .train import Training
 from .variable import Variable
@@ -62,13 +62,19 @@ class _PreparedStep:
         self.in_place = None           # group steps: per group, the caller's gradient passed in place
 
 
+#: on device "cpu", a flat step over at least this many parameters runs on IREE's
+#: multi-threaded local-task driver (over the same memory), a smaller one on local-sync
+#: (the calling thread: no worker wake-up); "local-sync"/"local-task" force one
+TASK_MIN_PARAMS = 1 << 19
+
+
 class _GroupViews:
     """A group step's "grad_view" input and the gradients it currently passes in place."""
 
     def __init__(self, device, lengths, args):
-        self.lengths = lengths
+        self.device, self.lengths = device, lengths
         self.host = np.array([[0, n] for n in lengths], np.int32)
-        self.buffer = device.allocate(self.host.shape, "int32")
+        self.buffer = flat.host_buffer(device, self.host.shape, "int32")
         self.buffer.write(self.host)
         self.imported = [None] * len(lengths)     # flat.InPlaceGradient or None, per group
         self.staged_args = args
@@ -368,16 +374,25 @@ class Optimizer(Training):
                     len(members) == 1 and dtype == "float32" and 4 * n >= flat.IN_PLACE_MIN_BYTES
                     for n, (dtype, _, members) in zip(lengths, self._groups)):
                 spec = dataclasses.replace(spec, grad_views=True)
-            views = _GroupViews(self._device, lengths, None) if spec.grad_views else None
+            device = self._group_step_device(sum(lengths))
+            views = _GroupViews(device, lengths, None) if spec.grad_views else None
             sources = dict(self._group_buffers, **({"grads": self._group_buffers["grads_slack"]} if views else {}))
             buffers = [self._hyper_buffer if kind == "hyper" else views.buffer if kind == "grad_view"
                        else sources[kind][j] for kind, j, _, _ in spec.arguments()]
-            prepared = self._prepared_step(spec, buffers, [self._grad_buffers[(i, None)] for i in indices])
+            buffers = [flat.on_device(b, device) for b in buffers]
+            prepared = self._prepared_step(spec, buffers, [self._grad_buffers[(i, None)] for i in indices], device)
             if views is not None:
                 views.staged_args = prepared.args
                 prepared.in_place = views
             self._prepared[key] = prepared
         return self._prepared[key]
+
+    def _group_step_device(self, params):
+        """The device a flat step over ``params`` parameters runs on (see TASK_MIN_PARAMS)."""
+        auto = self._vars[0].device.partition(":")[0] == "cpu" and self._device.driver == "local-sync"
+        if auto and self.jit_compile and params >= TASK_MIN_PARAMS:
+            return Device.get("local-task")
+        return self._device
 
     def _stage_groups(self, prepared, order):
         """Fill a group step's gradients: a large float32 gradient of a one-variable group is
@@ -392,7 +407,7 @@ class Optimizer(Training):
             if grad is not None and flat.InPlaceGradient.possible(grad, length):
                 current = views.imported[j]
                 if current is None or current.array is not grad:
-                    views.imported[j] = flat.InPlaceGradient(self._device, grad, length)
+                    views.imported[j] = flat.InPlaceGradient(views.device, grad, length)
                     changed = True
                 host[j] = (views.imported[j].start, grad.size)
                 continue
@@ -416,13 +431,14 @@ class Optimizer(Training):
     def _group_grads_argument(spec, j):
         return next(a for a, (kind, k, _, _) in enumerate(spec.arguments()) if kind == "grads" and k == j)
 
-    def _prepared_step(self, spec, buffers, grad_buffers):
+    def _prepared_step(self, spec, buffers, grad_buffers, device=None):
         """A ``_PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,
-        or none for ``jit_compile=False``) and the VM argument list made once."""
+        or none for ``jit_compile=False``) on ``device`` (default the optimizer's) and the VM
+        argument list made once."""
         if self._artifact is not None:
             module = self._artifact.step(spec)
         else:
-            module = step_module(spec, self._device) if self.jit_compile else None
+            module = step_module(spec, device or self._device) if self.jit_compile else None
         args = module.arguments(buffers) if module else None
         return _PreparedStep(spec, module, args, buffers, grad_buffers)
 

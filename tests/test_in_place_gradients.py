@@ -75,3 +75,33 @@ def test_small_other_dtype_and_strided_gradients_are_copied():
     opt2.apply_gradients([(np.ones(1000, np.float32), small)])
     (prepared,) = opt2._prepared.values()
     assert prepared.in_place is None and not prepared.spec.grad_views
+
+
+@pytest.mark.parametrize("device,driver", [("cpu", "local-task"), ("local-sync", "local-sync")])
+def test_cpu_runs_large_flat_steps_on_local_task(device, driver):
+    """Device "cpu": a flat step over >= TASK_MIN_PARAMS parameters runs on the
+    multi-threaded local-task driver over the same memory; "local-sync" forces the
+    calling thread.  Both match the reference, and the variables read the updated memory."""
+    from ireeopt.runtime.optimizer import TASK_MIN_PARAMS
+
+    rng = np.random.default_rng(3)
+    shapes = [(TASK_MIN_PARAMS // 2,), (TASK_MIN_PARAMS // 2 + 7,), (3, 5)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    variables = [ireeopt.Variable(x, name=f"w{i}", device=device) for i, x in enumerate(init)]
+    opt = ireeopt.AdamW(learning_rate=0.01, weight_decay=0.1, global_clipnorm=5.0)
+    opt.exclude_from_weight_decay(var_names=["w2"])
+    ref = Reference("adamw", init, ["w0", "w1", "w2"], learning_rate=0.01, weight_decay=0.1, global_clipnorm=5.0,
+                    exclude_names=["w2"])
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+    (prepared,) = opt._prepared.values()
+    assert prepared.module.loaded.device.driver == driver
+    for v, expected in zip(variables, ref.p):
+        np.testing.assert_allclose(v.numpy(), expected, rtol=2e-5, atol=2e-6, err_msg=v.name)
+    small = ireeopt.Variable(np.ones(10, np.float32), name="small", device=device)
+    opt2 = ireeopt.Adam()
+    opt2.apply_gradients([(np.ones(10, np.float32), small)])
+    (prepared,) = opt2._prepared.values()
+    assert prepared.module.loaded.device.driver == "local-sync"
