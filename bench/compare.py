@@ -89,7 +89,7 @@ def _commit():
 
 
 def _available_devices():
-    devices = ["local-sync", "local-task"]
+    devices = ["cpu", "local-sync", "local-task"]
     for driver in ("vulkan", "cuda"):
         probe = subprocess.run([sys.executable, "-c", f"import iree.runtime as rt; rt.get_device({driver!r})"],
                                capture_output=True)

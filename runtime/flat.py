@@ -12,6 +12,7 @@ nothing to a norm).
 """
 import ctypes
 import mmap
+import os
 
 import numpy as np
 
@@ -78,6 +79,54 @@ def arena(device, shapes, dtype, layout_dtype=None, slack=0):
                for o, s in zip(offsets, shapes)]
     group = ImportedBuffer(device, flat[:total], dtype)
     return (group, ImportedBuffer(device, flat, dtype)) if slack else group, members
+
+
+#: gradient copies of at least this many bytes in one step are split over the cores
+PARALLEL_MIN_BYTES = 1 << 22
+_pool = []
+
+
+def _copy_part(part):
+    for dst, src in part:
+        np.copyto(dst, src, casting="unsafe")
+
+
+def copy_in(pairs):
+    """``buffer.write(array)`` for each ``(buffer, array)``: when the host-mapped destinations
+    add up to PARALLEL_MIN_BYTES or more, split into one contiguous share per core, copied
+    concurrently (numpy releases the GIL while copying)."""
+    direct = [(b, a) for b, a in pairs if b.host is None or not _splittable(b.host, a)]
+    for b, a in direct:
+        b.write(a)
+    flat_pairs = [(b.host.reshape(-1), a.reshape(-1)) for b, a in pairs if b.host is not None and _splittable(b.host, a)]
+    total = sum(d.nbytes for d, _ in flat_pairs)
+    workers = os.cpu_count() or 1
+    if total < PARALLEL_MIN_BYTES or workers < 2:
+        _copy_part(flat_pairs)
+        return
+    share, parts, part, filled = -(-total // workers), [], [], 0
+    for dst, src in flat_pairs:
+        start = 0
+        while start < dst.size:
+            take = min(dst.size - start, max(1, (share - filled) // dst.itemsize))
+            part.append((dst[start:start + take], src[start:start + take]))
+            start, filled = start + take, filled + take * dst.itemsize
+            if filled >= share:
+                parts.append(part)
+                part, filled = [], 0
+    if part:
+        parts.append(part)
+    if not _pool:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool.append(ThreadPoolExecutor(workers - 1, thread_name_prefix="ireeopt-copy"))
+    futures = [_pool[0].submit(_copy_part, p) for p in parts[1:]]
+    _copy_part(parts[0])
+    for f in futures:
+        f.result()
+
+
+def _splittable(dst, src):
+    return type(src) is np.ndarray and src.flags.c_contiguous and src.shape == dst.shape and dst.flags.c_contiguous
 
 
 def on_device(buffer, device):

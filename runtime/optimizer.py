@@ -396,10 +396,11 @@ class Optimizer(Training):
 
     def _stage_groups(self, prepared, order):
         """Fill a group step's gradients: a large float32 gradient of a one-variable group is
-        passed where it lies (``flat.InPlaceGradient``), every other one copied into staging."""
+        passed where it lies (``flat.InPlaceGradient``); returns the (staging buffer, array)
+        copies every other one needs."""
         views = prepared.in_place
         grads = {self._index[id(v)]: g for g, v in order}
-        changed = False
+        changed, copies = False, []
         host = views.host.copy()
         for j, (dtype, _, members) in enumerate(self._groups):
             length = views.lengths[j]
@@ -414,8 +415,7 @@ class Optimizer(Training):
             if views.imported[j] is not None:
                 views.imported[j] = None
                 changed = True
-            for i in members:
-                self._grad_buffers[(i, None)]["grads"].write(grads[i])
+            copies += [(self._grad_buffers[(i, None)]["grads"], grads[i]) for i in members]
             host[j] = (0, length)
         if changed:
             buffers = list(prepared.buffers)
@@ -426,6 +426,7 @@ class Optimizer(Training):
         if not np.array_equal(host, views.host):
             views.host = host
             views.buffer.write(host)
+        return copies
 
     @staticmethod
     def _group_grads_argument(spec, j):
@@ -591,16 +592,17 @@ class Optimizer(Training):
             prepared = self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)
         scratch_rows = {}
+        copies = []                  # (staging buffer, array): written together below
         if prepared.in_place is not None:
-            self._stage_groups(prepared, order)
+            copies = self._stage_groups(prepared, order)
             order = ()
         for (grad, _), i, staging in zip(order, indices, prepared.grad_buffers):
             arrays = grad.arrays() if isinstance(grad, sparse.SparseGradient) else {"grads": grad}
             if "stale" in staging:
                 arrays["stale"] = self._stale_rows(i, grad.bucket)
                 scratch_rows[i] = grad.indices[:grad.count]
-            for kind, array in arrays.items():
-                staging[kind].write(array)
+            copies += [(staging[kind], array) for kind, array in arrays.items()]
+        flat.copy_in(copies)
         self._hyper_buffer.write(hyper)
         self._device.wait()          # staged devices: every input copy queued above has landed
         if prepared.module is None:
