@@ -149,9 +149,9 @@ class InPlaceGradient:
     """A caller's float32 gradient imported into the device where it lies: the flat
     ``length + GRAD_SLACK`` elements from the 64-byte boundary at or before its first
     element (``start`` elements before it), as a grad-view step reads it (kernels/step.py).
-    Built only where that whole range lies in the memory pages the array itself occupies,
-    so nothing outside mapped memory is read; the elements past the array are masked off
-    by the step.  Keeps ``array`` alive while the import exists."""
+    Built only where that whole range lies in the memory pages the array (or the array it
+    is a view of) occupies, so nothing outside mapped memory is read; the elements past the
+    array are masked off by the step.  Keeps ``array`` alive while the import exists."""
 
     def __init__(self, device, array, length):
         self.array = array
@@ -174,4 +174,10 @@ class InPlaceGradient:
             return False
         address = array.ctypes.data
         end = address - address % ALIGN + (length + GRAD_SLACK) * 4
-        return (end - 1) // PAGE == (address + array.nbytes - 1) // PAGE
+        last = address + array.nbytes          # the memory known to be mapped ends here, or
+        root = array.base                      # at the end of the array it is a view of
+        while isinstance(root, np.ndarray) and root.base is not None:
+            root = root.base
+        if isinstance(root, np.ndarray) and root.flags.c_contiguous:
+            last = max(last, root.ctypes.data + root.nbytes)
+        return (end - 1) // PAGE <= (last - 1) // PAGE

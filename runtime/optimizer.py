@@ -59,25 +59,13 @@ class _PreparedStep:
         self.spec, self.module, self.args = spec, module, args
         self.buffers, self.grad_buffers = buffers, grad_buffers
         self.verified = False
-        self.in_place = None           # group steps: per group, the caller's gradient passed in place
+        self.in_place = None           # group steps with views: per group, the gradient passed in place
 
 
 #: on device "cpu", a flat step over at least this many parameters runs on IREE's
 #: multi-threaded local-task driver (over the same memory), a smaller one on local-sync
 #: (the calling thread: no worker wake-up); "local-sync"/"local-task" force one
 TASK_MIN_PARAMS = 1 << 19
-
-
-class _GroupViews:
-    """A group step's "grad_view" input and the gradients it currently passes in place."""
-
-    def __init__(self, device, lengths, args):
-        self.device, self.lengths = device, lengths
-        self.host = np.array([[0, n] for n in lengths], np.int32)
-        self.buffer = flat.host_buffer(device, self.host.shape, "int32")
-        self.buffer.write(self.host)
-        self.imported = [None] * len(lengths)     # flat.InPlaceGradient or None, per group
-        self.staged_args = args
 
 
 class Optimizer(Training):
@@ -304,7 +292,7 @@ class Optimizer(Training):
         self._slots, self._averages, self._hyper_buffer = slots, averages, hyper
         self._scratch_buffers = {}   # variable index -> scratch table of sparse Adam, made once
         self._scratch_rows = {}      # variable index -> rows its scratch table holds (host copy)
-        self._device, self._prepared, self._train_steps = device, {}, {}
+        self._device, self._prepared, self._train_steps, self._last_group_step = device, {}, {}, None
         self._decay_excluded = excluded
         self.built = True
         if self.jit_compile and compile_step:
@@ -359,31 +347,32 @@ class Optimizer(Training):
         return (self._groups is not None and self._artifact is None and len(indices) == len(self._index)
                 and all(b is None for b in buckets) and self._clip()[0] != "clipnorm")
 
-    def _prepare_groups(self, indices):
-        """The ``_PreparedStep`` that updates every variable through the group buffers."""
-        key = ("groups", self._clip()[0], bool(self.weight_decay), getattr(self, "amsgrad", False), self.use_ema)
+    def _prepare_groups(self, indices, views=None):
+        """The ``_PreparedStep`` that updates every variable through the group buffers; with
+        ``views`` (per group None or (start, count)), the viewed groups' gradients are passed
+        in place (``_stage_groups``)."""
+        key = ("groups", self._clip()[0], bool(self.weight_decay), getattr(self, "amsgrad", False), self.use_ema,
+               views)
         if key not in self._prepared:
             spec = self._structure([VarSpec(g.shape, dtype) for g, (dtype, _, _) in
                                     zip(self._group_buffers["params"], self._groups)],
                                    [not excl for _, excl, _ in self._groups])
-            lengths = [g.shape[0] for g in self._group_buffers["params"]]
-            # gradients passed in place need a grad-view step: only where some group can take
-            # one (one large float32 variable), and not with EMA, where IREE then stages the
-            # viewed gradient through a transient buffer of its size every step
-            if self.jit_compile and not self.use_ema and any(
-                    len(members) == 1 and dtype == "float32" and 4 * n >= flat.IN_PLACE_MIN_BYTES
-                    for n, (dtype, _, members) in zip(lengths, self._groups)):
-                spec = dataclasses.replace(spec, grad_views=True)
-            device = self._group_step_device(sum(lengths))
-            views = _GroupViews(device, lengths, None) if spec.grad_views else None
-            sources = dict(self._group_buffers, **({"grads": self._group_buffers["grads_slack"]} if views else {}))
-            buffers = [self._hyper_buffer if kind == "hyper" else views.buffer if kind == "grad_view"
-                       else sources[kind][j] for kind, j, _, _ in spec.arguments()]
+            spec = dataclasses.replace(spec, grad_views=views)
+            device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
+            buffers = []
+            for kind, j, _, _ in spec.arguments():
+                if kind == "hyper":
+                    buffers.append(self._hyper_buffer)
+                elif kind == "grads" and views and views[j] is not None:
+                    buffers.append(self._group_buffers["grads_slack"][j])     # replaced by the import
+                else:
+                    buffers.append(self._group_buffers[kind][j])
             buffers = [flat.on_device(b, device) for b in buffers]
             prepared = self._prepared_step(spec, buffers, [self._grad_buffers[(i, None)] for i in indices], device)
-            if views is not None:
-                views.staged_args = prepared.args
-                prepared.in_place = views
+            if views:
+                prepared.in_place = [None] * len(views)
+                prepared.grads_arguments = {j: a for a, (kind, j, _, _) in enumerate(spec.arguments())
+                                            if kind == "grads" and views[j] is not None}
             self._prepared[key] = prepared
         return self._prepared[key]
 
@@ -394,43 +383,42 @@ class Optimizer(Training):
             return Device.get("local-task")
         return self._device
 
-    def _stage_groups(self, prepared, order):
-        """Fill a group step's gradients: a large float32 gradient of a one-variable group is
-        passed where it lies (``flat.InPlaceGradient``); returns the (staging buffer, array)
-        copies every other one needs."""
-        views = prepared.in_place
+    def _group_views(self, order):
+        """Per group, the view (start, count) of its gradient passed in place, or None: a
+        large float32 C-contiguous gradient of a one-variable group; None if no group has one.
+        (A step compiles once per distinct view: the start is the array's address mod 64.)"""
+        if not self.jit_compile:
+            return None
         grads = {self._index[id(v)]: g for g, v in order}
-        changed, copies = False, []
-        host = views.host.copy()
-        for j, (dtype, _, members) in enumerate(self._groups):
-            length = views.lengths[j]
+        views = []
+        for (dtype, _, members), params in zip(self._groups, self._group_buffers["params"]):
             grad = grads[members[0]] if len(members) == 1 else None
-            if grad is not None and flat.InPlaceGradient.possible(grad, length):
-                current = views.imported[j]
-                if current is None or current.array is not grad:
-                    views.imported[j] = flat.InPlaceGradient(views.device, grad, length)
-                    changed = True
-                host[j] = (views.imported[j].start, grad.size)
+            if grad is not None and flat.InPlaceGradient.possible(grad, params.shape[0]):
+                views.append((grad.ctypes.data % flat.ALIGN // 4, grad.size))
+            else:
+                views.append(None)
+        return tuple(views) if any(v is not None for v in views) else None
+
+    def _stage_groups(self, prepared, order):
+        """The (staging buffer, array) copies of a group step's gradients; the viewed groups'
+        gradients are imported where they lie instead (``flat.InPlaceGradient``)."""
+        grads = {self._index[id(v)]: g for g, v in order}
+        copies, changed = [], False
+        for j, (_, _, members) in enumerate(self._groups):
+            if prepared.in_place is None or j not in prepared.grads_arguments:
+                copies += [(self._grad_buffers[(i, None)]["grads"], grads[i]) for i in members]
                 continue
-            if views.imported[j] is not None:
-                views.imported[j] = None
+            grad, current = grads[members[0]], prepared.in_place[j]
+            if current is None or current.array is not grad:
+                length = self._group_buffers["params"][j].shape[0]
+                prepared.in_place[j] = flat.InPlaceGradient(prepared.module.loaded.device, grad, length)
                 changed = True
-            copies += [(self._grad_buffers[(i, None)]["grads"], grads[i]) for i in members]
-            host[j] = (0, length)
         if changed:
             buffers = list(prepared.buffers)
-            for j, imported in enumerate(views.imported):
-                if imported is not None:
-                    buffers[self._group_grads_argument(prepared.spec, j)] = imported
-            prepared.args = prepared.module.arguments(buffers) if any(views.imported) else views.staged_args
-        if not np.array_equal(host, views.host):
-            views.host = host
-            views.buffer.write(host)
+            for j, a in prepared.grads_arguments.items():
+                buffers[a] = prepared.in_place[j]
+            prepared.args = prepared.module.arguments(buffers)
         return copies
-
-    @staticmethod
-    def _group_grads_argument(spec, j):
-        return next(a for a, (kind, k, _, _) in enumerate(spec.arguments()) if kind == "grads" and k == j)
 
     def _prepared_step(self, spec, buffers, grad_buffers, device=None):
         """A ``_PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,
@@ -586,14 +574,19 @@ class Optimizer(Training):
                         for g, v in given), key=lambda gv: self._index[id(gv[1])])
         indices = tuple(self._index[id(v)] for _, v in order)
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
-        if self._groups_apply(indices, buckets):
-            prepared = self._prepare_groups(indices)
+        groups = self._groups_apply(indices, buckets)
+        if groups:
+            prepared = self._prepare_groups(indices, self._group_views(order))
+            last, self._last_group_step = self._last_group_step, prepared
+            if last is not prepared and last is not None and last.in_place:
+                last.in_place = [None] * len(last.in_place)        # let go of the caller's arrays
+                last.args = last.module.arguments(last.buffers)
         else:
             prepared = self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)
         scratch_rows = {}
         copies = []                  # (staging buffer, array): written together below
-        if prepared.in_place is not None:
+        if groups:
             copies = self._stage_groups(prepared, order)
             order = ()
         for (grad, _), i, staging in zip(order, indices, prepared.grad_buffers):
