@@ -12,9 +12,9 @@ Per step, with ``t = iterations + 1``, ``b1p = b1**t`` and ``b2p = b2**t``::
 The scalar constants are computed on the host in float32 (``constants``), so
 every hyperparameter is a runtime input of the compiled step.
 """
-import numpy as np
+import math
 
-from .numerics import f32, one_minus, power
+from .numerics import one_minus, r32
 
 SLOTS = ("m", "v")
 AMSGRAD_SLOT = "vhat"
@@ -22,15 +22,17 @@ CONSTANTS = ("alpha", "eps", "one_minus_b1", "one_minus_b2")
 
 
 def constants(learning_rate, beta_1, beta_2, epsilon, iterations, adaptive_epsilon=False):
-    """Float32 scalars for the step that follows ``iterations`` completed steps."""
-    t = iterations + 1
-    one = f32(1)
-    b1p, b2p = power(beta_1, t), power(beta_2, t)
-    root = np.sqrt(one - b2p)
-    alpha = (f32(learning_rate) * root) / (one - b1p)
-    eps = f32(epsilon) * root if adaptive_epsilon else f32(epsilon)
-    return {"alpha": alpha, "eps": f32(eps), "one_minus_b1": one_minus(beta_1),
-            "one_minus_b2": one_minus(beta_2)}
+    """Float32 scalars for the step that follows ``iterations`` completed steps (each
+    operation rounded to float32, see ``numerics.r32``; ``b**t`` correctly rounded)."""
+    t = float(iterations + 1)
+    b1p, b2p = r32(r32(float(beta_1)) ** t), r32(r32(float(beta_2)) ** t)
+    root = r32(math.sqrt(r32(1.0 - b2p)))
+    alpha = r32(r32(r32(float(learning_rate)) * root) / r32(1.0 - b1p))
+    eps = r32(float(epsilon))
+    if adaptive_epsilon:
+        eps = r32(eps * root)
+    return {"alpha": alpha, "eps": eps, "one_minus_b1": float(one_minus(beta_1)),
+            "one_minus_b2": float(one_minus(beta_2))}
 
 
 def update(xp, var, grad, slots, c):

@@ -1,7 +1,21 @@
-"""Host-side float32 constants, rounded the way the spec (and tf_keras) rounds them."""
+"""Host-side float32 constants, rounded the way the spec (and tf_keras) rounds them.
+
+``r32`` rounds a Python float to the nearest float32 (returned as a Python float).  A
+float32 ``+ - * /`` or ``sqrt`` equals the same operation on those doubles rounded once
+by ``r32`` (double has more than 2·24 + 2 bits), which is how the per-step constants are
+computed cheaply on the host.
+"""
+import struct
+
 import numpy as np
 
 f32 = np.float32
+_F32 = struct.Struct("f")
+
+
+def r32(x):
+    """``x`` rounded to the nearest float32, as a Python float."""
+    return _F32.unpack(_F32.pack(x))[0]
 
 
 def one_minus(x):

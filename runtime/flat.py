@@ -84,6 +84,7 @@ def arena(device, shapes, dtype, layout_dtype=None, slack=0):
 #: gradient copies of at least this many bytes in one step are split over the cores
 PARALLEL_MIN_BYTES = 1 << 22
 _pool = []
+_CORES = os.cpu_count() or 1
 
 
 def _copy_part(part):
@@ -95,15 +96,17 @@ def copy_in(pairs):
     """``buffer.write(array)`` for each ``(buffer, array)``: when the host-mapped destinations
     add up to PARALLEL_MIN_BYTES or more, split into one contiguous share per core, copied
     concurrently (numpy releases the GIL while copying)."""
-    direct = [(b, a) for b, a in pairs if b.host is None or not _splittable(b.host, a)]
-    for b, a in direct:
-        b.write(a)
-    flat_pairs = [(b.host.reshape(-1), a.reshape(-1)) for b, a in pairs if b.host is not None and _splittable(b.host, a)]
-    total = sum(d.nbytes for d, _ in flat_pairs)
-    workers = os.cpu_count() or 1
-    if total < PARALLEL_MIN_BYTES or workers < 2:
-        _copy_part(flat_pairs)
+    if _CORES < 2 or sum(b.host.nbytes for b, _ in pairs if b.host is not None) < PARALLEL_MIN_BYTES:
+        for b, a in pairs:
+            b.write(a)
         return
+    flat_pairs = []
+    for b, a in pairs:
+        if b.host is not None and _splittable(b.host, a):
+            flat_pairs.append((b.host.reshape(-1), a.reshape(-1)))
+        else:
+            b.write(a)
+    total, workers = sum(d.nbytes for d, _ in flat_pairs), _CORES
     share, parts, part, filled = -(-total // workers), [], [], 0
     for dst, src in flat_pairs:
         start = 0

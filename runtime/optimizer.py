@@ -387,7 +387,9 @@ class Optimizer(Training):
         """Per group, the view (start, count) of its gradient passed in place, or None: a
         large float32 C-contiguous gradient of a one-variable group; None if no group has one.
         (A step compiles once per distinct view: the start is the array's address mod 64.)"""
-        if not self.jit_compile:
+        if not self.jit_compile or not any(
+                len(members) == 1 and dtype == "float32" and 4 * params.shape[0] >= flat.IN_PLACE_MIN_BYTES
+                for (dtype, _, members), params in zip(self._groups, self._group_buffers["params"])):
             return None
         grads = {self._index[id(v)]: g for g, v in order}
         views = []
