@@ -1,7 +1,9 @@
 """``ireeopt bench``: one Adam step across ireeopt devices and peers, next to the copy roofline.
 
 Scenarios: models of 1 and 200 float32 tensors totalling 2^16, 2^22 and 2^24 parameters
-(``--sizes``/``--tensors`` change them).  Every implementation is timed in this one run
+(``--sizes``/``--tensors`` change them), and a sparse embedding step (a 1,000,000 × 64
+table, IndexedSlices of 256 and 4,096 rows: ``--sparse-ks``/``--sparse-table``) for Adam,
+Adamax and torch's SparseAdam.  Every implementation is timed in this one run
 (compare ratios, not absolute numbers, on a shared host), each implementation and
 scenario in a fresh process.  The roofline is 28 bytes per parameter (Adam reads p, g,
 m, v and writes p, m, v) at the memory bandwidth measured here by a 64 MiB numpy copy (one thread, or one per core: the faster);
@@ -21,7 +23,7 @@ import time
 
 import numpy as np
 
-from .peers import PEERS, make_ireeopt
+from .peers import PEERS, SPARSE_PEERS, make_ireeopt, make_ireeopt_sparse
 
 BYTES_PER_PARAM = 28
 
@@ -98,10 +100,19 @@ def _available_devices():
     return devices
 
 
-def _one(name, split, budget_s):
-    """Time implementation ``name`` on a model of tensors of ``split`` sizes (in this process)."""
-    make = (lambda: make_ireeopt(name.split(" ", 1)[1], split)) if name.startswith("ireeopt ") else \
-        (lambda: PEERS[name](split))
+def _one(name, split, budget_s, sparse=None):
+    """Time implementation ``name`` on a model of tensors of ``split`` sizes, or with
+    ``sparse`` = (rows, width, k) on the sparse embedding scenario (in this process)."""
+    if sparse is not None:
+        if name.startswith("ireeopt "):
+            device, optimizer = name.split(" ")[1:]
+            make = lambda: make_ireeopt_sparse(device, optimizer, *sparse)    # noqa: E731
+        else:
+            make = lambda: SPARSE_PEERS[name](*sparse)                         # noqa: E731
+    elif name.startswith("ireeopt "):
+        make = lambda: make_ireeopt(name.split(" ", 1)[1], split)             # noqa: E731
+    else:
+        make = lambda: PEERS[name](split)                                     # noqa: E731
     start = time.perf_counter()
     step = make()
     step()                      # the first call compiles (ireeopt, jax)
@@ -109,15 +120,16 @@ def _one(name, split, budget_s):
     return {"ms": measure(step, budget_s) * 1e3, "setup_s": setup}
 
 
-def _isolated(name, total, count, budget_s):
+def _isolated(name, total, count, budget_s, sparse=None):
     """``_one`` in a fresh process: JAX, torch, IREE's workers and lavapipe threads would
     otherwise compete for the same cores and disturb each other's timings."""
     code = ("import json, sys; from ireeopt.bench.compare import _one; from ireeopt.bench.peers import Unavailable\n"
-            "try: r = _one(sys.argv[1], [int(sys.argv[2]) // int(sys.argv[3])] * int(sys.argv[3]), float(sys.argv[4]))\n"
+            "try: r = _one(sys.argv[1], [int(sys.argv[2]) // int(sys.argv[3])] * int(sys.argv[3]), float(sys.argv[4]),"
+            " json.loads(sys.argv[5]))\n"
             "except Unavailable as e: r = {'skipped': str(e)}\n"
             "print(json.dumps(r))")
-    done = subprocess.run([sys.executable, "-c", code, name, str(total), str(count), str(budget_s)],
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, name, str(total), str(count), str(budget_s),
+                           json.dumps(sparse)], capture_output=True, text=True)
     if done.returncode != 0:
         return {"skipped": f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -144,6 +156,35 @@ def run(sizes, tensors, devices, peers, budget_s, log=print):
                     f"({result['roofline_fraction']:6.1%} of roofline; setup {result['setup_s']:.1f} s)")
             rows.append(row)
     return {"bandwidth_bytes_per_s": bandwidth, "rows": rows}
+
+
+def run_sparse(rows, width, ks, devices, peers, budget_s, log=print):
+    """The sparse embedding scenario: Adam (dense-equivalent) and Adamax (lazy) on a
+    ``rows x width`` table with IndexedSlices of k random rows, per ireeopt device, next to
+    the sparse peers (torch SparseAdam is lazy Adam)."""
+    out = []
+    names = [f"ireeopt {d} {o}" for d in devices for o in ("Adam", "Adamax")] + list(peers)
+    for k in ks:
+        row = {"rows": rows, "width": width, "k": k, "results": {}, "skipped": {}}
+        for name in names:
+            result = _isolated(name, 1, 1, budget_s, [rows, width, k])
+            if "skipped" in result:
+                row["skipped"][name] = result["skipped"]
+                log(f"  sparse {rows:,} x {width}, k={k:<7,} {name:26s} skipped: {result['skipped']}")
+                continue
+            row["results"][name] = result
+            log(f"  sparse {rows:,} x {width}, k={k:<7,} {name:26s} {result['ms']:9.3f} ms/step")
+        out.append(row)
+    return out
+
+
+def sparse_table(rows):
+    names = sorted({n for r in rows for n in r["results"]})
+    lines = ["| table, k rows | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [f"{r['results'][n]['ms']:.3f}" if n in r["results"] else "—" for n in names]
+        lines.append(f"| {r['rows']:,} × {r['width']}, k = {r['k']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(report):
@@ -191,12 +232,27 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="ireeopt bench", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="65536,4194304,16777216", help="total parameters per scenario")
     parser.add_argument("--tensors", default="1,200", help="tensor counts per scenario")
-    parser.add_argument("--devices", help="ireeopt devices (default: local-sync, local-task, and vulkan/cuda if present)")
+    parser.add_argument("--devices", help="ireeopt devices (default: cpu, local-sync, local-task, and vulkan/cuda if present)")
     parser.add_argument("--peers", default=",".join(PEERS), help="peers to time (those installed)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per implementation and scenario")
     parser.add_argument("--output", default="ireeopt_bench", help="prefix of the JSON and PNG files")
     parser.add_argument("--quick", action="store_true", help="small sizes only (2^16, 2^20), short budget")
+    parser.add_argument("--sparse-ks", default="256,4096",
+                        help="rows per IndexedSlices gradient in the sparse embedding scenario ('' skips it)")
+    parser.add_argument("--sparse-table", default="1000000x64", help="its table, ROWSxWIDTH")
+    parser.add_argument("--sparse-peers", default=",".join(SPARSE_PEERS), help="its peers (those installed)")
     args = parser.parse_args(argv)
+    try:
+        sparse_rows, sparse_width = (int(x) for x in args.sparse_table.lower().split("x"))
+    except ValueError:
+        parser.error(f"--sparse-table must be ROWSxWIDTH, got {args.sparse_table!r}")
+    if args.quick:
+        sparse_rows = min(sparse_rows, 100_000)
+    sparse_ks = [int(k) for k in args.sparse_ks.split(",") if k]
+    sparse_peers = [p for p in args.sparse_peers.split(",") if p]
+    unknown = [p for p in sparse_peers if p not in SPARSE_PEERS]
+    if unknown:
+        parser.error(f"unknown sparse peers {unknown}; known: {list(SPARSE_PEERS)}")
     sizes = [1 << 16, 1 << 20] if args.quick else [int(s) for s in args.sizes.split(",")]
     tensors = [int(t) for t in args.tensors.split(",")]
     devices = args.devices.split(",") if args.devices else _available_devices()
@@ -204,8 +260,10 @@ def main(argv=None):
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         parser.error(f"unknown peers {unknown}; known: {list(PEERS)}")
-    report = run(sizes, tensors, devices, peers, 0.2 if args.quick else args.budget,
-                 log=lambda line: print(line, flush=True))
+    budget = 0.2 if args.quick else args.budget
+    report = run(sizes, tensors, devices, peers, budget, log=lambda line: print(line, flush=True))
+    report["sparse"] = run_sparse(sparse_rows, sparse_width, sparse_ks, devices, sparse_peers, budget,
+                                  log=lambda line: print(line, flush=True)) if sparse_ks else []
     report.update(machine=_machine(), versions=_versions(), commit=_commit(),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   optimizer="Adam(learning_rate=1e-3)")
@@ -213,6 +271,9 @@ def main(argv=None):
     print(f"Adam step, median ms ({report['machine']['cpu']}, {report['machine']['cores']} cores, "
           f"copy bandwidth {report['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
     print(table(report))
+    if report["sparse"]:
+        print("\nSparse embedding step (IndexedSlices of k random rows), median ms")
+        print(sparse_table(report["sparse"]))
     with open(f"{args.output}.json", "w") as f:
         json.dump(report, f, indent=1)
     written = [f"{args.output}.json"] + plots(report, args.output)

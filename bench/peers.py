@@ -74,3 +74,42 @@ def make_optax(sizes):
 
 
 PEERS = {"torch-fused": make_torch_fused, "torch-foreach": make_torch_foreach, "optax-jit": make_optax}
+
+
+# ---------------------------------------------------------------------- the sparse embedding scenario
+def _sparse_batch(rows, width, k):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, rows, k), rng.standard_normal((k, width)).astype(np.float32)
+
+
+def make_ireeopt_sparse(device, optimizer, rows, width, k):
+    """``optimizer`` ("Adam": dense-equivalent, "Adamax": lazy) on a ``rows x width`` table
+    with an IndexedSlices gradient of ``k`` random rows (duplicates included)."""
+    import ireeopt
+    from ireeopt.runtime.device import Device
+
+    try:
+        Device.get(device)
+    except Exception as e:
+        raise Unavailable(f"no {device} device ({e})") from None
+    table = ireeopt.Variable(np.random.default_rng(1).standard_normal((rows, width)).astype(np.float32),
+                             name="embedding", device=device)
+    ids, values = _sparse_batch(rows, width, k)
+    opt = getattr(ireeopt, optimizer)(learning_rate=1e-3)
+    pairs = [(ireeopt.IndexedSlices(values, ids, (rows, width)), table)]
+    return lambda: opt.apply_gradients(pairs)
+
+
+def make_torch_sparse_adam(rows, width, k):
+    """torch.optim.SparseAdam (lazy Adam: only the rows in the gradient move)."""
+    try:
+        import torch
+    except ImportError:
+        raise Unavailable("torch is not installed") from None
+    table = torch.zeros(rows, width, requires_grad=True)
+    ids, values = _sparse_batch(rows, width, k)
+    table.grad = torch.sparse_coo_tensor(torch.as_tensor(ids)[None], torch.as_tensor(values), (rows, width))
+    return torch.optim.SparseAdam([table], lr=1e-3).step
+
+
+SPARSE_PEERS = {"torch-sparse-adam": make_torch_sparse_adam}

@@ -128,6 +128,24 @@ def copy_in(pairs):
         f.result()
 
 
+class _Host:
+    """A host array as a buffer (``host``, ``write``)."""
+
+    def __init__(self, host):
+        self.host = host
+
+    def write(self, array):
+        np.copyto(self.host, array, casting="unsafe")
+
+
+def copy_to_hosts(pairs, nbytes):
+    """``copy_in`` for ``(host array, array)`` pairs whose destinations add up to ``nbytes``."""
+    if nbytes < PARALLEL_MIN_BYTES or _CORES < 2:
+        _copy_part(pairs)
+    else:
+        copy_in([(_Host(h), a) for h, a in pairs])
+
+
 def _splittable(dst, src):
     return type(src) is np.ndarray and src.flags.c_contiguous and src.shape == dst.shape and dst.flags.c_contiguous
 

@@ -123,6 +123,7 @@ class Optimizer(Training):
         self.jit_compile = jit_compile
         self._iterations = 0
         self._device_calls = 0       # compiled-module invocations (see device_calls)
+        self._repeat_steps = {}
         self._artifact = None
         self.built = False
         self._vars = []
@@ -293,6 +294,7 @@ class Optimizer(Training):
         self._scratch_buffers = {}   # variable index -> scratch table of sparse Adam, made once
         self._scratch_rows = {}      # variable index -> rows its scratch table holds (host copy)
         self._device, self._prepared, self._train_steps, self._last_group_step = device, {}, {}, None
+        self._repeat_steps = {}      # variable ids -> a remembered dense flat step (_apply_repeat)
         self._decay_excluded = excluded
         self.built = True
         if self.jit_compile and compile_step:
@@ -387,9 +389,7 @@ class Optimizer(Training):
         """Per group, the view (start, count) of its gradient passed in place, or None: a
         large float32 C-contiguous gradient of a one-variable group; None if no group has one.
         (A step compiles once per distinct view: the start is the array's address mod 64.)"""
-        if not self.jit_compile or not any(
-                len(members) == 1 and dtype == "float32" and 4 * params.shape[0] >= flat.IN_PLACE_MIN_BYTES
-                for (dtype, _, members), params in zip(self._groups, self._group_buffers["params"])):
+        if not self.jit_compile or not self._may_view():
             return None
         grads = {self._index[id(v)]: g for g, v in order}
         views = []
@@ -400,6 +400,11 @@ class Optimizer(Training):
             else:
                 views.append(None)
         return tuple(views) if any(v is not None for v in views) else None
+
+    def _may_view(self):
+        """Whether some group could take its gradient in place (one large float32 variable)."""
+        return any(len(members) == 1 and dtype == "float32" and 4 * params.shape[0] >= flat.IN_PLACE_MIN_BYTES
+                   for (dtype, _, members), params in zip(self._groups, self._group_buffers["params"]))
 
     def _stage_groups(self, prepared, order):
         """The (staging buffer, array) copies of a group step's gradients; the viewed groups'
@@ -559,6 +564,9 @@ class Optimizer(Training):
         """Apply one step (spec §1) with numpy gradients; returns ``iterations``.
 
         Everything is checked on the host first: a failing call changes nothing."""
+        grads_and_vars = grads_and_vars if type(grads_and_vars) in (list, tuple) else list(grads_and_vars)
+        if self._repeat_steps and self._apply_repeat(grads_and_vars):
+            return self.iterations
         pairs = self._validate_pairs(grads_and_vars)
         given = [(g, v) for g, v in pairs if g is not None]
         if not given:
@@ -598,8 +606,17 @@ class Optimizer(Training):
                 scratch_rows[i] = grad.indices[:grad.count]
             copies += [(staging[kind], array) for kind, array in arrays.items()]
         flat.copy_in(copies)
+        self._run_prepared(prepared, hyper, scratch_rows)
+        if groups and prepared.module is not None and not self._may_view() and len(given) == len(pairs) and \
+                all(type(g) is np.ndarray for g, _ in pairs):
+            self._remember_repeat(grads_and_vars, prepared)
+        return self.iterations
+
+    def _run_prepared(self, prepared, hyper, scratch_rows=None):
+        """With the inputs staged: write this step's scalars, run the prepared step (checking
+        on its first call that it updated its state in place), count the step."""
         self._hyper_buffer.write(hyper)
-        self._device.wait()          # staged devices: every input copy queued above has landed
+        self._device.wait()          # staged devices: every input copy queued before has landed
         if prepared.module is None:
             self._run_eager(prepared.spec, prepared.buffers)
         else:
@@ -608,9 +625,39 @@ class Optimizer(Training):
             if not prepared.verified:
                 self._verify_in_place(prepared, results)
                 prepared.verified = True
-        self._scratch_rows.update(scratch_rows)
+        if scratch_rows:
+            self._scratch_rows.update(scratch_rows)
         self._iterations += 1
-        return self.iterations
+
+    # ------------------------------------------------------------------ the repeated dense step
+    def _remember_repeat(self, pairs, prepared):
+        """After a dense flat step: what a call with the same variables in the same order
+        needs (``_apply_repeat``), keyed by their ids (the entry keeps the variables alive)."""
+        variables = [v for _, v in pairs]
+        hosts = [self._grad_buffers[(self._index[id(v)], None)]["grads"].host for v in variables]
+        self._repeat_steps[tuple(map(id, variables))] = (self._structure_key(), prepared, hosts,
+                                                         sum(h.nbytes for h in hosts), variables)
+
+    def _apply_repeat(self, pairs):
+        """A dense flat step for the same variables, in the same order, as a remembered one,
+        with plain float arrays of their shapes: checked and staged in one pass (the general
+        path sorts, groups and re-checks every pair).  Returns False, having changed
+        nothing, for anything else (the general path then handles, or rejects, the call)."""
+        try:
+            entry = self._repeat_steps.get(tuple(id(v) for _, v in pairs))
+        except (TypeError, ValueError):
+            return False
+        if entry is None or entry[0] != self._structure_key():
+            return False
+        _, prepared, hosts, nbytes, _ = entry
+        for (grad, _), host in zip(pairs, hosts):
+            if type(grad) is not np.ndarray or grad.shape != host.shape or grad.dtype.kind != "f":
+                return False
+        lr = self._step_lr()
+        hyper = self._constants(prepared.spec, lr)
+        flat.copy_to_hosts([(h, g) for (g, _), h in zip(pairs, hosts)], nbytes)
+        self._run_prepared(prepared, hyper)
+        return True
 
     # ------------------------------------------------------------------ artifacts
     def _bind_artifact(self, artifact):

@@ -117,15 +117,7 @@ class Training:
                 scratch_rows[i] = indices[:count]
         for j, leaf in enumerate(leaves):
             staging[("batch", j)].write(leaf)
-        self._hyper_buffer.write(hyper)
-        self._device.wait()
-        results = prepared.module(prepared.args)
-        self._device_calls += 1
-        if not prepared.verified:
-            self._verify_in_place(prepared, results)
-            prepared.verified = True
-        self._scratch_rows.update(scratch_rows)
-        self._iterations += 1
+        self._run_prepared(prepared, hyper, scratch_rows)
         return np.float32(staging["loss"].read())
 
     def compute_gradients(self, loss, var_list, batch):

@@ -6,14 +6,18 @@ import subprocess
 def test_bench_runs_and_reports(tmp_path):
     out = tmp_path / "report"
     done = subprocess.run(["ireeopt", "bench", "--sizes", "4096", "--tensors", "1,3", "--devices", "local-sync",
-                           "--peers", "", "--budget", "0.05", "--output", str(out)], capture_output=True, text=True)
+                           "--peers", "", "--budget", "0.05", "--sparse-table", "1000x8", "--sparse-ks", "16",
+                           "--sparse-peers", "", "--output", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "| 3 × 1,365 |" in done.stdout and "roofline" in done.stdout
+    assert "| 1,000 × 8, k = 16 |" in done.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert [(r["tensors"], sorted(r["results"])) for r in report["rows"]] == [(1, ["ireeopt local-sync"]),
                                                                            (3, ["ireeopt local-sync"])]
     assert report["bandwidth_bytes_per_s"] > 0 and report["versions"]["iree-base-runtime"] == "3.13.0"
     assert all(r["results"]["ireeopt local-sync"]["ms"] > 0 for r in report["rows"])
+    (sparse,) = report["sparse"]
+    assert sorted(sparse["results"]) == ["ireeopt local-sync Adam", "ireeopt local-sync Adamax"]
 
 
 def test_bench_rejects_unknown_peers(tmp_path):

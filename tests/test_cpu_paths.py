@@ -19,6 +19,12 @@ def _in_place(opt):
     return [g.array for p in opt._prepared.values() if p.in_place for g in p.in_place if g is not None]
 
 
+def _roomy(values):
+    """``values`` in memory followed by 64 more floats: the page check always lets it be
+    imported (a lone array ending within ~120 bytes of a page end is copied instead)."""
+    return np.concatenate([values, np.zeros(64, values.dtype)])[:len(values)]
+
+
 def _poisoned(values, offset):
     """``values`` as a C-contiguous slice of a larger array whose other elements are huge:
     a step that read one element outside the slice would blow up."""
@@ -72,7 +78,7 @@ def test_small_other_dtype_and_strided_gradients_are_copied():
         opt.apply_gradients([(grad, var)])
         ref.step([np.asarray(grad, np.float32)])
         assert _in_place(opt) == []
-    grad = rng.standard_normal(N).astype(np.float32)                    # in place
+    grad = _roomy(rng.standard_normal(N).astype(np.float32))            # in place
     opt.apply_gradients([(grad, var)])
     ref.step([grad])
     assert _in_place(opt) == [grad]
@@ -131,3 +137,38 @@ def test_parallel_gradient_copies(monkeypatch):
         ref.step(grads)
     for v, expected in zip(variables, ref.p):
         np.testing.assert_allclose(v.numpy(), expected, rtol=2e-5, atol=2e-6, err_msg=v.name)
+
+
+def test_repeated_dense_steps_take_the_short_path_and_stay_exact():
+    """A call like the previous one (same variables, same order, plain arrays) is staged in
+    one pass; anything else (new settings, a bad gradient, another order, a generator)
+    goes through the general path, which checks it and changes nothing when it fails."""
+    rng = np.random.default_rng(5)
+    shapes = [(7, 3), (300,), (2, 2, 2)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    variables = [ireeopt.Variable(x, name=f"w{i}") for i, x in enumerate(init)]
+    opt = ireeopt.Adam(learning_rate=0.01)
+    ref = Reference("adam", init, [v.name for v in variables], learning_rate=0.01)
+    for step in range(6):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        if step == 2:
+            opt.global_clipnorm = ref.global_clipnorm = 0.5        # a new structure: the general path
+        if step == 3:
+            bad = list(grads)
+            bad[1] = np.ones(301, np.float32)
+            before = [v.numpy() for v in variables], int(opt.iterations)
+            with pytest.raises(ValueError, match="has shape"):
+                opt.apply_gradients(zip(bad, variables))
+            assert [v.numpy().tolist() for v in variables] == [b.tolist() for b in before[0]]
+            assert opt.iterations == before[1]
+        if step == 4:
+            grads[0] = grads[0].astype(np.float64)
+            opt.apply_gradients(((g, v) for g, v in zip(grads, variables)))
+        elif step == 5:
+            opt.apply_gradients(list(zip(grads, variables))[::-1])
+        else:
+            opt.apply_gradients(list(zip(grads, variables)))
+        ref.step(grads)
+        for v, expected in zip(variables, ref.p):
+            np.testing.assert_allclose(v.numpy(), expected, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
+    assert len(opt._repeat_steps) == 2 and opt.device_calls == 6 and opt.iterations == 6
