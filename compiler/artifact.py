@@ -122,7 +122,7 @@ def target_entry(target, vmfb, flags):
             "bytes": len(vmfb)}
 
 
-def _train_entry(optimizer, specs, loss, batch):
+def _train_entry(optimizer, specs, loss, batch, chunked):
     """(TrainSpec, StableHLO text) of ``loss`` over the artifact's variables and ``batch``
     (example arrays: only their shapes and dtypes are compiled in)."""
     from ..runtime.train import batch_arrays
@@ -136,7 +136,7 @@ def _train_entry(optimizer, specs, loss, batch):
                         getattr(optimizer, "amsgrad", False), optimizer.use_ema)
 
     tspec, untrained = analyze(loss, [(s[1], s[2]) for s in specs], [(a.shape, a.dtype.name) for a in leaves],
-                               tree, make_step)
+                               tree, make_step, chunked)
     if untrained:
         raise ValueError(f"the loss does not read the variable(s) {[specs[i][0] for i in untrained]}; leave them "
                          "out of the artifact's variables")
@@ -184,7 +184,8 @@ def compile_artifact(optimizer, variables, targets=("llvm-cpu",), sparse=None,
     texts = {name: lower_step(spec) for name, spec in functions.items()}
     train = None
     if loss is not None:
-        train, texts["train_step"] = _train_entry(optimizer, specs, loss, batch)
+        train, texts["train_step"] = _train_entry(optimizer, specs, loss, batch,
+                                                  chunked=any(t.startswith("vulkan") for t in targets))
     source = merge_modules(texts)
     compiled = compile_modules(source, targets)
     config = optimizer.get_config()

@@ -22,10 +22,13 @@ def _structs(specs):
     return [jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for shape, dtype in specs]
 
 
-def analyze(loss, values, batch, tree, make_step):
+def analyze(loss, values, batch, tree, make_step, chunked=False):
     """The ``TrainSpec`` of ``loss`` over variables ``values`` [(shape, dtype)] and batch
     arrays ``batch`` [(shape, dtype)] with structure ``tree``.  ``make_step(trained,
     varspecs)`` gives the optimizer's ``StepSpec`` for the trained variable indices.
+    ``chunked`` (a Vulkan target): duplicate ids are summed in bounded serial chunks, and
+    looked-up tables always keep the sparse rule (a dense gather's gradient is one long
+    serial loop, which lavapipe cuts short).
     Returns (tspec, indices of the variables without a gradient)."""
     import jax
     import jax.numpy as jnp
@@ -64,7 +67,7 @@ def analyze(loss, values, batch, tree, make_step):
         return [VarSpec(tuple(values[i][0]), values[i][1], sparse.get(i)) for i in trained]
 
     probe_step = make_step(trained, specs())
-    if probe_step.optimizer == "adam" and probe_step.clip is None:
+    if probe_step.optimizer == "adam" and probe_step.clip is None and not chunked:
         # Adam's sparse rule is dense-equivalent, so without clipping (where a sparse norm
         # counts duplicates separately) the dense gradient gives the same update; it is the
         # faster one once a step looks up an eighth of the table's rows or more (measured in
@@ -74,7 +77,7 @@ def analyze(loss, values, batch, tree, make_step):
     kind, layout = next(iter(tree.items()))
     tspec = TrainSpec(make_step(trained, varspecs), tuple(trained), tuple((tuple(s), d) for s, d in values),
                       tuple((tuple(s), d) for s, d in batch),
-                      (kind, tuple(layout) if isinstance(layout, list) else layout), calls)
+                      (kind, tuple(layout) if isinstance(layout, list) else layout), calls, chunked)
     return tspec, [i for i in range(len(values)) if i not in trained]
 
 

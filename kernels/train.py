@@ -127,6 +127,7 @@ class TrainSpec:
     batch: tuple
     tree: tuple
     lookups: tuple
+    chunked: bool = False      # sum duplicates in bounded serial chunks (Vulkan; see sum_in_order)
 
     @property
     def tree_dict(self):
@@ -162,7 +163,7 @@ class TrainSpec:
     def to_json(self):
         return {"step": self.step.to_json(), "trained": list(self.trained),
                 "values": [[list(s), d] for s, d in self.values], "batch": [[list(s), d] for s, d in self.batch],
-                "tree": self.tree_dict, "lookups": [list(x) for x in self.lookups]}
+                "tree": self.tree_dict, "lookups": [list(x) for x in self.lookups], "chunked": self.chunked}
 
     @classmethod
     def from_json(cls, d):
@@ -170,7 +171,7 @@ class TrainSpec:
         return cls(StepSpec.from_json(d["step"]), tuple(d["trained"]),
                    tuple((tuple(s), t) for s, t in d["values"]), tuple((tuple(s), t) for s, t in d["batch"]),
                    (kind, tuple(value) if isinstance(value, list) else value),
-                   tuple(tuple(x) for x in d["lookups"]))
+                   tuple(tuple(x) for x in d["lookups"]), d.get("chunked", False))
 
     def digest(self):
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
@@ -239,6 +240,25 @@ def _loss_and_occurrence_grads(jax, tspec, loss, params, leaves, unique=None):
     return value, grads, {k: jax.lax.stop_gradient(r) for k, r in gathered.items()}
 
 
+#: Mesa's lavapipe stops a shader after 65,535 loop iterations in one invocation, silently
+#: (field notes §2); IREE runs a scatter with duplicate indices as such a loop
+LAVAPIPE_LOOP_LIMIT = 65535
+
+
+def sum_in_order(jnp, occurrences, inverse, chunked):
+    """``rows[inverse[j]] += occurrences[j]`` for j in order (each row's duplicates summed in
+    order of occurrence): one serial scatter, or with ``chunked`` a chain of scatters of at
+    most half of lavapipe's loop limit each, every one continuing from the last (the same
+    order and rounding, in bounded loops)."""
+    rows = jnp.zeros_like(occurrences)
+    n = occurrences.shape[0]
+    width = len_of(occurrences.shape[1:])
+    chunk = max(1, LAVAPIPE_LOOP_LIMIT // (width + 2) // 2) if chunked else n
+    for start in range(0, n, chunk):
+        rows = rows.at[inverse[start:start + chunk]].add(occurrences[start:start + chunk], mode="promise_in_bounds")
+    return rows
+
+
 def len_of(shape):
     n = 1
     for d in shape:
@@ -288,8 +308,7 @@ def flat_train_step(jax, tspec, loss):
                 occurrences = jnp.clip(occurrences, -c, c)
             elif spec.clip in ("clipnorm", "global_clipnorm"):
                 sumsq = jnp.sum(occurrences * occurrences)
-            # one serial scatter: each row's duplicates are added in order of occurrence
-            rows = jnp.zeros_like(occurrences).at[named["inverse"][k]].add(occurrences, mode="promise_in_bounds")
+            rows = sum_in_order(jnp, occurrences, named["inverse"][k], tspec.chunked)
             # padding slots repeat slot 0's id, so they must carry slot 0's row (kernels/sparse.py)
             real = jnp.arange(v.sparse).reshape((-1,) + (1,) * (rows.ndim - 1)) < named["count"][k]
             rows = jnp.where(real, rows, rows[:1])

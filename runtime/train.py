@@ -206,7 +206,8 @@ class Training:
             def make_step(trained, varspecs):
                 return self._structure(varspecs, [not self._decay_excluded[order[i]] for i in trained])
 
-            tspec, untrained = analyze(loss, values, batch, tree, make_step)
+            tspec, untrained = analyze(loss, values, batch, tree, make_step,
+                                       chunked=self._device.driver == "vulkan")
             if untrained:
                 warnings.warn("Gradients do not exist for variables "
                               f"{[var_list[i].name for i in untrained]} when minimizing the loss.", stacklevel=3)
