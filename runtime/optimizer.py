@@ -551,7 +551,11 @@ class Optimizer(Training):
             if isinstance(grad, sparse.IndexedSlices):
                 checked.append((sparse.check(grad, var), var))
                 continue
-            value = grad.numpy() if isinstance(grad, Variable) else np.asarray(grad)
+            if isinstance(grad, Variable):
+                # host-visible memory (CPU, lavapipe): read where it lies, no host copy first
+                value = grad._buffer.host if grad._buffer.host is not None else grad.numpy()
+            else:
+                value = np.asarray(grad)
             if not is_real(value.dtype):
                 raise TypeError(f"gradient for {var.name!r} has dtype {value.dtype}; expected a real number type")
             if value.shape != var.shape:

@@ -172,3 +172,20 @@ def test_repeated_dense_steps_take_the_short_path_and_stay_exact():
         for v, expected in zip(variables, ref.p):
             np.testing.assert_allclose(v.numpy(), expected, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
     assert len(opt._repeat_steps) == 2 and opt.device_calls == 6 and opt.iterations == 6
+
+
+def test_variable_gradients_are_read_where_they_lie():
+    """A gradient that is an ireeopt.Variable (say, accumulated on the device) is read from
+    its buffer (no host copy first); a large one is passed in place like a numpy array."""
+    rng = np.random.default_rng(6)
+    init = rng.standard_normal(N).astype(np.float32)
+    var = ireeopt.Variable(init, name="w")
+    opt = ireeopt.Adam(learning_rate=0.01)
+    ref = Reference("adam", [init], ["w"], learning_rate=0.01)
+    for _ in range(2):
+        g = rng.standard_normal(N).astype(np.float32)
+        accumulated = ireeopt.Variable(g, name="grad")
+        opt.apply_gradients([(accumulated, var)])
+        ref.step([g])
+        np.testing.assert_array_equal(accumulated.numpy(), g)
+    np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
