@@ -406,16 +406,32 @@ class Optimizer(Training):
         return any(len(members) == 1 and dtype == "float32" and 4 * params.shape[0] >= flat.IN_PLACE_MIN_BYTES
                    for (dtype, _, members), params in zip(self._groups, self._group_buffers["params"]))
 
+    def _use_group_step(self, prepared):
+        """``prepared`` runs next: the group step used before it lets go of the caller's arrays."""
+        last, self._last_group_step = self._last_group_step, prepared
+        if last is not prepared and last is not None and last.in_place:
+            last.in_place = [None] * len(last.in_place)
+            last.args = last.module.arguments(last.buffers)
+
     def _stage_groups(self, prepared, order):
         """The (staging buffer, array) copies of a group step's gradients; the viewed groups'
         gradients are imported where they lie instead (``flat.InPlaceGradient``)."""
         grads = {self._index[id(v)]: g for g, v in order}
-        copies, changed = [], False
+        copies, imports = [], {}
         for j, (_, _, members) in enumerate(self._groups):
             if prepared.in_place is None or j not in prepared.grads_arguments:
                 copies += [(self._grad_buffers[(i, None)]["grads"], grads[i]) for i in members]
-                continue
-            grad, current = grads[members[0]], prepared.in_place[j]
+            else:
+                imports[j] = grads[members[0]]
+        self._import_in_place(prepared, imports)
+        return copies
+
+    def _import_in_place(self, prepared, imports):
+        """Pass ``imports`` ({viewed group: its gradient array}) in place; the argument list is
+        rebuilt only when an array is not the one passed last time."""
+        changed = False
+        for j, grad in imports.items():
+            current = prepared.in_place[j]
             if current is None or current.array is not grad:
                 length = self._group_buffers["params"][j].shape[0]
                 prepared.in_place[j] = flat.InPlaceGradient(prepared.module.loaded.device, grad, length)
@@ -425,7 +441,6 @@ class Optimizer(Training):
             for j, a in prepared.grads_arguments.items():
                 buffers[a] = prepared.in_place[j]
             prepared.args = prepared.module.arguments(buffers)
-        return copies
 
     def _prepared_step(self, spec, buffers, grad_buffers, device=None):
         """A ``_PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,
@@ -591,10 +606,7 @@ class Optimizer(Training):
         groups = self._groups_apply(indices, buckets)
         if groups:
             prepared = self._prepare_groups(indices, self._group_views(order))
-            last, self._last_group_step = self._last_group_step, prepared
-            if last is not prepared and last is not None and last.in_place:
-                last.in_place = [None] * len(last.in_place)        # let go of the caller's arrays
-                last.args = last.module.arguments(last.buffers)
+            self._use_group_step(prepared)
         else:
             prepared = self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)
@@ -611,7 +623,7 @@ class Optimizer(Training):
             copies += [(staging[kind], array) for kind, array in arrays.items()]
         flat.copy_in(copies)
         self._run_prepared(prepared, hyper, scratch_rows)
-        if groups and prepared.module is not None and not self._may_view() and len(given) == len(pairs) and \
+        if groups and prepared.module is not None and len(given) == len(pairs) and \
                 all(type(g) is np.ndarray for g, _ in pairs):
             self._remember_repeat(grads_and_vars, prepared)
         return self.iterations
@@ -636,11 +648,24 @@ class Optimizer(Training):
     # ------------------------------------------------------------------ the repeated dense step
     def _remember_repeat(self, pairs, prepared):
         """After a dense flat step: what a call with the same variables in the same order
-        needs (``_apply_repeat``), keyed by their ids (the entry keeps the variables alive)."""
+        needs (``_apply_repeat``), keyed by their ids (the entry keeps the variables alive).
+        Per pair: the staging host array to copy into, or for a gradient the step took in
+        place (group j, view start, group length), which a repeat must match to reuse it."""
         variables = [v for _, v in pairs]
-        hosts = [self._grad_buffers[(self._index[id(v)], None)]["grads"].host for v in variables]
-        self._repeat_steps[tuple(map(id, variables))] = (self._structure_key(), prepared, hosts,
-                                                         sum(h.nbytes for h in hosts), variables)
+        viewed = set(getattr(prepared, "grads_arguments", {}))
+        group_of = {members[0]: (j, dtype) for j, (dtype, _, members) in enumerate(self._groups) if len(members) == 1}
+        targets = []
+        for v in variables:
+            i = self._index[id(v)]
+            j, dtype = group_of.get(i, (None, None))
+            length = None if j is None else self._group_buffers["params"][j].shape[0]
+            if j in viewed:
+                targets.append((j, prepared.spec.grad_views[j][0], length))
+            else:       # copied; a gradient that could be taken in place goes to the general path
+                could = dtype == "float32" and 4 * (length or 0) >= flat.IN_PLACE_MIN_BYTES
+                targets.append((self._grad_buffers[(i, None)]["grads"].host, length if could else None))
+        nbytes = sum(t[0].nbytes for t in targets if len(t) == 2)
+        self._repeat_steps[tuple(map(id, variables))] = (self._structure_key(), prepared, targets, nbytes, variables)
 
     def _apply_repeat(self, pairs):
         """A dense flat step for the same variables, in the same order, as a remembered one,
@@ -653,13 +678,26 @@ class Optimizer(Training):
             return False
         if entry is None or entry[0] != self._structure_key():
             return False
-        _, prepared, hosts, nbytes, _ = entry
-        for (grad, _), host in zip(pairs, hosts):
-            if type(grad) is not np.ndarray or grad.shape != host.shape or grad.dtype.kind != "f":
+        _, prepared, targets, nbytes, _ = entry
+        copies, imports = [], {}
+        for (grad, var), target in zip(pairs, targets):
+            if type(grad) is not np.ndarray or grad.shape != var.shape or grad.dtype.kind != "f":
                 return False
+            if len(target) == 2:
+                host, could_view = target
+                if could_view is not None and flat.InPlaceGradient.possible(grad, could_view):
+                    return False
+                copies.append((host, grad))
+                continue
+            j, start, length = target           # taken in place last time: only the same view will do
+            if not flat.InPlaceGradient.possible(grad, length) or grad.ctypes.data % flat.ALIGN // 4 != start:
+                return False
+            imports[j] = grad
         lr = self._step_lr()
         hyper = self._constants(prepared.spec, lr)
-        flat.copy_to_hosts([(h, g) for (g, _), h in zip(pairs, hosts)], nbytes)
+        self._use_group_step(prepared)
+        self._import_in_place(prepared, imports)
+        flat.copy_to_hosts(copies, nbytes)
         self._run_prepared(prepared, hyper)
         return True
 

@@ -59,12 +59,14 @@ def test_a_reused_gradient_array_is_read_again_each_step():
     var = ireeopt.Variable(init, name="w")
     opt = ireeopt.Adam(learning_rate=0.01)
     ref = Reference("adam", [init], ["w"], learning_rate=0.01)
-    grad = np.empty(N, np.float32)
+    grad = _roomy(np.empty(N, np.float32))
     for _ in range(3):
         grad[:] = rng.standard_normal(N)                      # the caller refills the same array
-        opt.apply_gradients([(grad, var)])
+        opt.apply_gradients([(grad, var)])                    # (repeats take the short path, in place)
         ref.step([grad.copy()])
+        assert _in_place(opt) == [grad]
     np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
+    assert len(opt._repeat_steps) == 1 and opt.device_calls == 3
 
 
 def test_small_other_dtype_and_strided_gradients_are_copied():
