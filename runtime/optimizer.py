@@ -353,8 +353,7 @@ class Optimizer(Training):
         """The ``_PreparedStep`` that updates every variable through the group buffers; with
         ``views`` (per group None or (start, count)), the viewed groups' gradients are passed
         in place (``_stage_groups``)."""
-        key = ("groups", self._clip()[0], bool(self.weight_decay), getattr(self, "amsgrad", False), self.use_ema,
-               views)
+        key = ("groups", views) + self._structure_key()
         if key not in self._prepared:
             spec = self._structure([VarSpec(g.shape, dtype) for g, (dtype, _, _) in
                                     zip(self._group_buffers["params"], self._groups)],
@@ -461,6 +460,10 @@ class Optimizer(Training):
                              f"{' and '.join(k for k, _ in active)}")
         return active[0] if active else (None, 0.0)
 
+    def _structure_key(self):
+        """What of the optimizer's settings a compiled structure depends on."""
+        return (self._clip()[0], bool(self.weight_decay), getattr(self, "amsgrad", False), self.use_ema)
+
     def _spec_for(self, indices, buckets):
         return self._structure([VarSpec(self._vars[i].shape, self._vars[i].dtype, b) for i, b in zip(indices, buckets)],
                                [not self._decay_excluded[i] for i in indices])
@@ -515,28 +518,31 @@ class Optimizer(Training):
     def _prepare(self, indices, buckets):
         """The ``_PreparedStep`` updating ``indices`` (with sparse ``buckets``, None for dense).
         Looked up by a cheap key of everything ``_spec_for`` reads that can change after build."""
-        key = (indices, buckets, self._clip()[0], bool(self.weight_decay), getattr(self, "amsgrad", False),
-               self.use_ema)
+        key = (indices, buckets) + self._structure_key()
         if key not in self._prepared:
             spec = self._spec_for(indices, buckets)
             grad_buffers = [self._gradient_buffers(i, v, spec) for i, v in zip(indices, spec.variables)]
             buffers = []
             for kind, j, _, _ in spec.arguments():
-                i = None if j is None else indices[j]
-                if kind == "params":
-                    buffers.append(self._vars[i]._buffer)
-                elif kind in spec.slot_names:
-                    buffers.append(self._slots[kind][i]._buffer)
-                elif kind == "ema":
-                    buffers.append(self._averages[i]._buffer)
-                elif kind == "scratch":
-                    buffers.append(self._scratch(i))
-                elif kind == "hyper":
-                    buffers.append(self._hyper_buffer)
-                else:
-                    buffers.append(grad_buffers[j][kind])
+                state = self._state_buffer(kind, None if j is None else indices[j], spec.slot_names)
+                buffers.append(grad_buffers[j][kind] if state is None else state)
             self._prepared[key] = self._prepared_step(spec, buffers, grad_buffers)
         return self._prepared[key]
+
+    def _state_buffer(self, kind, i, slot_names):
+        """The persistent buffer of argument ``kind`` of variable ``i``: its parameters, a slot,
+        its EMA average or scratch table, or the hyper vector; None for an input staged per step."""
+        if kind == "params":
+            return self._vars[i]._buffer
+        if kind in slot_names:
+            return self._slots[kind][i]._buffer
+        if kind == "ema":
+            return self._averages[i]._buffer
+        if kind == "scratch":
+            return self._scratch(i)
+        if kind == "hyper":
+            return self._hyper_buffer
+        return None
 
     def _validate_pairs(self, grads_and_vars):
         pairs = []

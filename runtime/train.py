@@ -229,27 +229,14 @@ class Training:
         arguments = tspec.gradient_arguments() if gradients else tspec.arguments()
         buffers = []
         for kind, k, shape, dtype in arguments:
-            i = None if k is None else order[tspec.trained[k]]
-            if kind == "params":
-                buffers.append(self._vars[i]._buffer)
-            elif kind in tspec.step.slot_names:
-                buffers.append(self._slots[kind][i]._buffer)
-            elif kind == "ema":
-                buffers.append(self._averages[i]._buffer)
-            elif kind == "scratch":
-                buffers.append(self._scratch(i))
-            elif kind == "hyper":
-                buffers.append(self._hyper_buffer)
-            else:       # batch, loss, and the sparse tables' indices, count, inverse, stale
-                if (kind, k) not in staging and kind != "loss":
+            state = self._state_buffer(kind, None if k is None else order[tspec.trained[k]], tspec.step.slot_names)
+            if state is not None:
+                buffers.append(state)
+            elif kind == "loss":
+                staging["loss"] = self._device.allocate(shape, dtype)
+                buffers.append(staging["loss"])
+            else:       # batch, and the sparse tables' indices, count, inverse, stale
+                if (kind, k) not in staging:
                     staging[(kind, k)] = self._device.allocate(shape, dtype)
-                if kind == "loss":
-                    staging["loss"] = self._device.allocate(shape, dtype)
-                    buffers.append(staging["loss"])
-                else:
-                    buffers.append(staging[(kind, k)])
+                buffers.append(staging[(kind, k)])
         return _PreparedTrain(tspec, module, buffers, staging, order, gradients)
-
-    def _structure_key(self):
-        """What of the optimizer's settings a compiled structure depends on."""
-        return (self._clip()[0], bool(self.weight_decay), getattr(self, "amsgrad", False), self.use_ema)
