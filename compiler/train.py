@@ -6,7 +6,8 @@ whose value then still appears in the graph is read some other way (dense
 gradient), one that appears only through lookups is a sparse table, and one that
 does not appear at all gets no gradient.
 """
-from ..kernels.train import Recorder, TrainSpec, flat_gradients, flat_train_step, len_of, unflatten_batch
+from ..kernels.step import size_of
+from ..kernels.train import Recorder, TrainSpec, flat_gradients, flat_train_step, unflatten_batch
 
 
 #: Adam without clipping takes a dense gradient for a looked-up table when ids per step
@@ -55,7 +56,7 @@ def analyze(loss, values, batch, tree, make_step, chunked=False):
     calls = tuple(recorded["calls"])
     occurrences = {}
     for i, leaf in calls:
-        occurrences[i] = occurrences.get(i, 0) + len_of(batch[leaf][0])
+        occurrences[i] = occurrences.get(i, 0) + size_of(batch[leaf][0])
     trained = [i for i in range(len(values)) if dense[i] or i in occurrences]
     sparse = {i: occurrences[i] for i in occurrences if not dense[i]}
     for i, n in sparse.items():

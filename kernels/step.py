@@ -46,6 +46,7 @@ GRAD_SLACK = 16                  # elements: a 64-byte boundary is at most 15 fl
 
 
 def size_of(shape):
+    """The number of elements of ``shape``."""
     n = 1
     for d in shape:
         n *= int(d)

@@ -28,7 +28,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from .step import StepSpec, step
+from .step import StepSpec, size_of, step
 
 GRADIENT_KINDS = ("grads", "rows", "sumsq")    # computed inside the train step
 
@@ -197,7 +197,7 @@ def _loss_and_occurrence_grads(jax, tspec, loss, params, leaves, unique=None):
         k = position.get(i)
         if k in used:
             offsets[call] = (k, used[k])
-            used[k] += len_of(tspec.batch[leaf][0])
+            used[k] += size_of(tspec.batch[leaf][0])
 
     def values_of(dense, tables):
         values = [jnp.zeros(shape, dtype) for shape, dtype in tspec.values]   # unread by the loss
@@ -215,7 +215,7 @@ def _loss_and_occurrence_grads(jax, tspec, loss, params, leaves, unique=None):
             if call not in offsets:
                 return table.at[ids].get(mode="promise_in_bounds")
             k, start = offsets[call]
-            n = len_of(ids.shape)
+            n = size_of(ids.shape)
             if unique is None:
                 rows = table.at[ids].get(mode="promise_in_bounds")
             else:
@@ -252,18 +252,11 @@ def sum_in_order(jnp, occurrences, inverse, chunked):
     order and rounding, in bounded loops)."""
     rows = jnp.zeros_like(occurrences)
     n = occurrences.shape[0]
-    width = len_of(occurrences.shape[1:])
+    width = size_of(occurrences.shape[1:])
     chunk = max(1, LAVAPIPE_LOOP_LIMIT // (width + 2) // 2) if chunked else n
     for start in range(0, n, chunk):
         rows = rows.at[inverse[start:start + chunk]].add(occurrences[start:start + chunk], mode="promise_in_bounds")
     return rows
-
-
-def len_of(shape):
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _named(layout, args):

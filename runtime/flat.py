@@ -93,21 +93,32 @@ def _copy_part(part):
 
 
 def copy_in(pairs):
-    """``buffer.write(array)`` for each ``(buffer, array)``: when the host-mapped destinations
-    add up to PARALLEL_MIN_BYTES or more, split into one contiguous share per core, copied
-    concurrently (numpy releases the GIL while copying)."""
-    if _CORES < 2 or sum(b.host.nbytes for b, _ in pairs if b.host is not None) < PARALLEL_MIN_BYTES:
-        for b, a in pairs:
-            b.write(a)
+    """``buffer.write(array)`` for each ``(buffer, array)``; the host-mapped buffers'
+    copies go through ``copy_to_hosts``."""
+    hosts = []
+    for buffer, array in pairs:
+        if buffer.host is None:
+            buffer.write(array)
+        else:
+            hosts.append((buffer.host, array))
+    copy_to_hosts(hosts, sum(h.nbytes for h, _ in hosts))
+
+
+def copy_to_hosts(pairs, nbytes):
+    """``np.copyto(host, array)`` (casting) for each ``(host array, array)``, the hosts adding
+    up to ``nbytes``: from PARALLEL_MIN_BYTES on, split into one contiguous share per core,
+    copied concurrently (numpy releases the GIL while copying)."""
+    if nbytes < PARALLEL_MIN_BYTES or _CORES < 2:
+        _copy_part(pairs)
         return
     flat_pairs = []
-    for b, a in pairs:
-        if b.host is not None and _splittable(b.host, a):
-            flat_pairs.append((b.host.reshape(-1), a.reshape(-1)))
+    for dst, src in pairs:
+        if _splittable(dst, src):
+            flat_pairs.append((dst.reshape(-1), src.reshape(-1)))
         else:
-            b.write(a)
-    total, workers = sum(d.nbytes for d, _ in flat_pairs), _CORES
-    share, parts, part, filled = -(-total // workers), [], [], 0
+            np.copyto(dst, src, casting="unsafe")
+    total = sum(d.nbytes for d, _ in flat_pairs)
+    share, parts, part, filled = -(-total // _CORES), [], [], 0
     for dst, src in flat_pairs:
         start = 0
         while start < dst.size:
@@ -119,31 +130,15 @@ def copy_in(pairs):
                 part, filled = [], 0
     if part:
         parts.append(part)
+    if not parts:
+        return
     if not _pool:
         from concurrent.futures import ThreadPoolExecutor
-        _pool.append(ThreadPoolExecutor(workers - 1, thread_name_prefix="ireeopt-copy"))
+        _pool.append(ThreadPoolExecutor(_CORES - 1, thread_name_prefix="ireeopt-copy"))
     futures = [_pool[0].submit(_copy_part, p) for p in parts[1:]]
     _copy_part(parts[0])
     for f in futures:
         f.result()
-
-
-class _Host:
-    """A host array as a buffer (``host``, ``write``)."""
-
-    def __init__(self, host):
-        self.host = host
-
-    def write(self, array):
-        np.copyto(self.host, array, casting="unsafe")
-
-
-def copy_to_hosts(pairs, nbytes):
-    """``copy_in`` for ``(host array, array)`` pairs whose destinations add up to ``nbytes``."""
-    if nbytes < PARALLEL_MIN_BYTES or _CORES < 2:
-        _copy_part(pairs)
-    else:
-        copy_in([(_Host(h), a) for h, a in pairs])
 
 
 def _splittable(dst, src):
@@ -176,9 +171,8 @@ class InPlaceGradient:
 
     def __init__(self, device, array, length):
         self.array = array
-        address = array.ctypes.data
-        base = address - address % ALIGN
-        self.start = (address - base) // 4
+        self.start = self.start_of(array)
+        base = array.ctypes.data - 4 * self.start
         nbytes = (length + GRAD_SLACK) * 4
         region = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(base))
         self.buffer = device.hal_device.allocator.import_host_allocation(
@@ -186,6 +180,17 @@ class InPlaceGradient:
             allowed_usage=rt.BufferUsage.DEFAULT)
         self.view = rt.HalBufferView(self.buffer, [length + GRAD_SLACK], _ELEMENT_TYPES["float32"])
         self.region = region
+
+    @staticmethod
+    def start_of(array):
+        """Elements from the 64-byte boundary at or before ``array``'s first element to it."""
+        return array.ctypes.data % ALIGN // 4
+
+    @classmethod
+    def view(cls, array, length):
+        """The step's view ``(start, count)`` of ``array`` passed in place as the gradient of a
+        ``length``-element group, or None where it cannot be (see ``possible``)."""
+        return (cls.start_of(array), array.size) if cls.possible(array, length) else None
 
     @staticmethod
     def possible(array, length):

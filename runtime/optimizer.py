@@ -279,6 +279,7 @@ class Optimizer(Training):
         if self._artifact is not None:
             excluded = [not v["weight_decay"] for v in self._artifact.variables]
         self._groups = self._group_buffers = None
+        self._view_groups = {}       # set by _build_flat
         self._grad_buffers = {}      # (variable index, None | bucket) -> staging buffer(s), made once
         if device.mappable and device.driver in flat.DRIVERS and \
                 not any(isinstance(v._buffer, flat.ImportedBuffer) for v in var_list):
@@ -341,6 +342,11 @@ class Optimizer(Training):
                         averages[i] = Variable._over(part, f"{var.name}/average", var.device)
                     else:
                         slots[kind][i] = Variable._over(part, f"{var.name}/{kind}", var.device)
+        # the groups that can take their gradient in place (one large float32 variable): length
+        self._view_groups = {j: group.shape[0] for j, ((dtype, _, members), group)
+                             in enumerate(zip(self._groups, self._group_buffers["params"]))
+                             if len(members) == 1 and dtype == "float32"
+                             and 4 * group.shape[0] >= flat.IN_PLACE_MIN_BYTES}
         return slots, averages
 
     def _groups_apply(self, indices, buckets):
@@ -388,22 +394,12 @@ class Optimizer(Training):
         """Per group, the view (start, count) of its gradient passed in place, or None: a
         large float32 C-contiguous gradient of a one-variable group; None if no group has one.
         (A step compiles once per distinct view: the start is the array's address mod 64.)"""
-        if not self.jit_compile or not self._may_view():
+        if not self.jit_compile or not self._view_groups:
             return None
         grads = {self._index[id(v)]: g for g, v in order}
-        views = []
-        for (dtype, _, members), params in zip(self._groups, self._group_buffers["params"]):
-            grad = grads[members[0]] if len(members) == 1 else None
-            if grad is not None and flat.InPlaceGradient.possible(grad, params.shape[0]):
-                views.append((grad.ctypes.data % flat.ALIGN // 4, grad.size))
-            else:
-                views.append(None)
+        views = [flat.InPlaceGradient.view(grads[self._groups[j][2][0]], self._view_groups[j])
+                 if j in self._view_groups else None for j in range(len(self._groups))]
         return tuple(views) if any(v is not None for v in views) else None
-
-    def _may_view(self):
-        """Whether some group could take its gradient in place (one large float32 variable)."""
-        return any(len(members) == 1 and dtype == "float32" and 4 * params.shape[0] >= flat.IN_PLACE_MIN_BYTES
-                   for (dtype, _, members), params in zip(self._groups, self._group_buffers["params"]))
 
     def _use_group_step(self, prepared):
         """``prepared`` runs next: the group step used before it lets go of the caller's arrays."""
@@ -658,18 +654,15 @@ class Optimizer(Training):
         Per pair: the staging host array to copy into, or for a gradient the step took in
         place (group j, view start, group length), which a repeat must match to reuse it."""
         variables = [v for _, v in pairs]
-        viewed = set(getattr(prepared, "grads_arguments", {}))
-        group_of = {members[0]: (j, dtype) for j, (dtype, _, members) in enumerate(self._groups) if len(members) == 1}
+        group_of = {self._groups[j][2][0]: j for j in self._view_groups}
         targets = []
         for v in variables:
             i = self._index[id(v)]
-            j, dtype = group_of.get(i, (None, None))
-            length = None if j is None else self._group_buffers["params"][j].shape[0]
-            if j in viewed:
-                targets.append((j, prepared.spec.grad_views[j][0], length))
+            j = group_of.get(i)
+            if prepared.in_place is not None and j in prepared.grads_arguments:
+                targets.append((j, prepared.spec.grad_views[j], self._view_groups[j]))
             else:       # copied; a gradient that could be taken in place goes to the general path
-                could = dtype == "float32" and 4 * (length or 0) >= flat.IN_PLACE_MIN_BYTES
-                targets.append((self._grad_buffers[(i, None)]["grads"].host, length if could else None))
+                targets.append((self._grad_buffers[(i, None)]["grads"].host, self._view_groups.get(j)))
         nbytes = sum(t[0].nbytes for t in targets if len(t) == 2)
         self._repeat_steps[tuple(map(id, variables))] = (self._structure_key(), prepared, targets, nbytes, variables)
 
@@ -695,8 +688,8 @@ class Optimizer(Training):
                     return False
                 copies.append((host, grad))
                 continue
-            j, start, length = target           # taken in place last time: only the same view will do
-            if not flat.InPlaceGradient.possible(grad, length) or grad.ctypes.data % flat.ALIGN // 4 != start:
+            j, view, length = target            # taken in place last time: only the same view will do
+            if flat.InPlaceGradient.view(grad, length) != view:
                 return False
             imports[j] = grad
         lr = self._step_lr()

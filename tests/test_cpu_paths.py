@@ -53,12 +53,16 @@ def test_in_place_gradients_match_the_reference(device, kwargs):
     np.testing.assert_allclose(opt._slots["m"][0].numpy(), ref.m[0], rtol=2e-5, atol=2e-6)
 
 
-def test_a_reused_gradient_array_is_read_again_each_step():
-    rng = np.random.default_rng(1)
+def _one_variable(seed):
+    """(rng, a Variable of N elements, Adam(0.01) and its reference)."""
+    rng = np.random.default_rng(seed)
     init = rng.standard_normal(N).astype(np.float32)
-    var = ireeopt.Variable(init, name="w")
-    opt = ireeopt.Adam(learning_rate=0.01)
-    ref = Reference("adam", [init], ["w"], learning_rate=0.01)
+    return (rng, ireeopt.Variable(init, name="w"), ireeopt.Adam(learning_rate=0.01),
+            Reference("adam", [init], ["w"], learning_rate=0.01))
+
+
+def test_a_reused_gradient_array_is_read_again_each_step():
+    rng, var, opt, ref = _one_variable(1)
     grad = _roomy(np.empty(N, np.float32))
     for _ in range(3):
         grad[:] = rng.standard_normal(N)                      # the caller refills the same array
@@ -70,11 +74,7 @@ def test_a_reused_gradient_array_is_read_again_each_step():
 
 
 def test_small_other_dtype_and_strided_gradients_are_copied():
-    rng = np.random.default_rng(2)
-    init = rng.standard_normal(N).astype(np.float32)
-    var = ireeopt.Variable(init, name="w")
-    opt = ireeopt.Adam(learning_rate=0.01)
-    ref = Reference("adam", [init], ["w"], learning_rate=0.01)
+    rng, var, opt, ref = _one_variable(2)
     for grad in (rng.standard_normal(2 * N).astype(np.float32)[::2],    # strided
                  rng.standard_normal(N)):                               # float64
         opt.apply_gradients([(grad, var)])
@@ -121,16 +121,29 @@ def test_cpu_runs_large_flat_steps_on_local_task(device, driver):
     assert prepared.module.loaded.device.driver == "local-sync"
 
 
+def _model(seed, shapes):
+    """(rng, Variables of ``shapes``, Adam(0.01) and its reference)."""
+    rng = np.random.default_rng(seed)
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    variables = [ireeopt.Variable(x, name=f"w{i}") for i, x in enumerate(init)]
+    return rng, variables, ireeopt.Adam(learning_rate=0.01), Reference("adam", init, [v.name for v in variables],
+                                                                      learning_rate=0.01)
+
+
+def test_parallel_copies_of_only_unsplittable_arrays():
+    """Above the parallel threshold with nothing to split (a Fortran-ordered source): copied whole."""
+    src = np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4))
+    dst = np.zeros((3, 4), np.float32)
+    flat.copy_to_hosts([(dst, src)], flat.PARALLEL_MIN_BYTES)
+    np.testing.assert_array_equal(dst, src)
+
+
 def test_parallel_gradient_copies(monkeypatch):
     """Gradient staging split over the cores (forced for a small model here): mixed sizes,
     a float64 and a strided gradient (copied whole), every element lands where it belongs."""
     monkeypatch.setattr(flat, "PARALLEL_MIN_BYTES", 1)
-    rng = np.random.default_rng(4)
     shapes = [(37, 11), (1000,), (5,), (64, 3)]
-    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    variables = [ireeopt.Variable(x, name=f"w{i}") for i, x in enumerate(init)]
-    opt = ireeopt.Adam(learning_rate=0.01)
-    ref = Reference("adam", init, [v.name for v in variables], learning_rate=0.01)
+    rng, variables, opt, ref = _model(4, shapes)
     for _ in range(3):
         grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
         grads[1] = grads[1].astype(np.float64)
@@ -145,12 +158,8 @@ def test_repeated_dense_steps_take_the_short_path_and_stay_exact():
     """A call like the previous one (same variables, same order, plain arrays) is staged in
     one pass; anything else (new settings, a bad gradient, another order, a generator)
     goes through the general path, which checks it and changes nothing when it fails."""
-    rng = np.random.default_rng(5)
     shapes = [(7, 3), (300,), (2, 2, 2)]
-    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
-    variables = [ireeopt.Variable(x, name=f"w{i}") for i, x in enumerate(init)]
-    opt = ireeopt.Adam(learning_rate=0.01)
-    ref = Reference("adam", init, [v.name for v in variables], learning_rate=0.01)
+    rng, variables, opt, ref = _model(5, shapes)
     for step in range(6):
         grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
         if step == 2:
@@ -179,14 +188,12 @@ def test_repeated_dense_steps_take_the_short_path_and_stay_exact():
 def test_variable_gradients_are_read_where_they_lie():
     """A gradient that is an ireeopt.Variable (say, accumulated on the device) is read from
     its buffer (no host copy first); a large one is passed in place like a numpy array."""
-    rng = np.random.default_rng(6)
-    init = rng.standard_normal(N).astype(np.float32)
-    var = ireeopt.Variable(init, name="w")
-    opt = ireeopt.Adam(learning_rate=0.01)
-    ref = Reference("adam", [init], ["w"], learning_rate=0.01)
+    rng, var, opt, ref = _one_variable(6)
     for _ in range(2):
         g = rng.standard_normal(N).astype(np.float32)
         accumulated = ireeopt.Variable(g, name="grad")
+        (checked, _), = opt._validate_pairs([(accumulated, var)])
+        assert np.shares_memory(checked, accumulated._buffer.host)     # its buffer, not a host copy
         opt.apply_gradients([(accumulated, var)])
         ref.step([g])
         np.testing.assert_array_equal(accumulated.numpy(), g)
