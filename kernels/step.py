@@ -18,17 +18,6 @@ A sparse Adam variable also has a donated float32 "scratch" table after the EMA
 averages (argument and result), and, before "hyper", a "stale" [K] int32 list of the
 rows the previous sparse step left in it.
 
-``grad_views`` (CPU flat storage) gives, per variable, None or a view ``(start, count)``:
-that variable's dense gradient is then a flat buffer of ``size + GRAD_SLACK`` elements
-of which it reads ``count`` from ``start`` (the rest read as zero)::
-
-    grad = where(iota(size) < count, buffer[start : start + size], 0).reshape(shape)
-
-so the runtime can pass a caller's numpy gradient in place (imported from the 64-byte
-boundary at or before its first element, start < GRAD_SLACK) instead of copying it.
-The view is static (part of the structure): a dynamic offset would make IREE read it
-back to the host before the update dispatch, which costs more than a small copy.
-
 Every state argument is donated: output ``i`` is written into the buffer of
 argument ``spec.donated[i]``.
 """
@@ -42,7 +31,6 @@ OPTIMIZERS = {"adam": adam, "adamax": adamax}
 COMMON_SCALARS = ("lr", "wd", "clip", "ema_momentum", "ema_one_minus", "ema_overwrite")
 LOW_PRECISION = ("float16", "bfloat16")
 SUPPORTED_DTYPES = ("float32",) + LOW_PRECISION
-GRAD_SLACK = 16                  # elements: a 64-byte boundary is at most 15 float32 before any element
 
 
 def size_of(shape):
@@ -81,7 +69,6 @@ class StepSpec:
     clip: str = None               # None | "clipnorm" | "global_clipnorm" | "clipvalue"
     amsgrad: bool = False
     use_ema: bool = False
-    grad_views: tuple = None       # per variable None or (start, count): see the module doc
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -116,9 +103,6 @@ class StepSpec:
         """``[(kind, variable index, shape, dtype)]`` of the flat signature."""
         args = [("params", i, v.shape, v.dtype) for i, v in enumerate(self.variables)]
         for i, v in enumerate(self.variables):
-            if self.grad_views and self.grad_views[i] is not None:
-                args.append(("grads", i, (size_of(v.shape) + GRAD_SLACK,), v.dtype))
-                continue
             args += [(kind, i, shape, dtype) for kind, shape, dtype in v.gradient_arguments()]
         for kind in self.state_names[1:]:
             args += [(kind, i, v.shape, slot_dtype(v.dtype)) for i, v in enumerate(self.variables)]
@@ -149,17 +133,13 @@ class StepSpec:
              "use_ema": self.use_ema, "decay": list(self.decay),
              "variables": [{"shape": list(v.shape), "dtype": v.dtype, "sparse": v.sparse}
                            for v in self.variables]}
-        if self.grad_views:
-            d["grad_views"] = [None if v is None else list(v) for v in self.grad_views]
         return d
 
     @classmethod
     def from_json(cls, d):
         return cls(d["optimizer"], tuple(VarSpec(tuple(v["shape"]), v["dtype"], v.get("sparse"))
                                          for v in d["variables"]),
-                   tuple(d["decay"]), d["clip"], d["amsgrad"], d["use_ema"],
-                   None if d.get("grad_views") is None else tuple(None if v is None else tuple(v)
-                                                                  for v in d["grad_views"]))
+                   tuple(d["decay"]), d["clip"], d["amsgrad"], d["use_ema"])
 
     def digest(self):
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
@@ -223,9 +203,6 @@ def flat_step(xp, spec):
         grads = [named["grads"][i] if v.sparse is None else
                  {k: named[k][i] for k in ("rows", "indices", "count", "sumsq", "stale") if i in named.get(k, {})}
                  for i, v in enumerate(spec.variables)]
-        if spec.grad_views:
-            grads = [g if view is None else _viewed(xp, g, *view, v.shape)
-                     for g, v, view in zip(grads, spec.variables, spec.grad_views)]
         slots = {k: [named[k][i] for i in range(n)] for k in spec.slot_names}
         averages = [named["ema"][i] for i in range(n)] if spec.use_ema else []
         p, s, a, z = step(xp, spec, [named["params"][i] for i in range(n)], grads, slots, averages,
@@ -236,12 +213,3 @@ def flat_step(xp, spec):
         return tuple(out + a + [z[i] for i in spec.scratch_variables])
 
     return fn
-
-
-def _viewed(xp, buffer, start, count, shape):
-    """``count`` elements of the flat ``buffer`` from ``start``, then zeros, as ``shape``."""
-    size = size_of(shape)
-    window = buffer[start:start + size]
-    if count < size:
-        window = xp.where(xp.arange(size) < count, window, xp.zeros((), buffer.dtype))
-    return window.reshape(shape)

@@ -9,29 +9,33 @@ memory we own gives the same thing.  Each member starts on a 64-byte boundary (I
 dispatches assume 64-byte aligned bindings) and the padding between members stays
 zero, which every update leaves at zero (Adam, Adamax, weight decay, EMA; it adds
 nothing to a norm).
+
+A caller's large float32 gradient is passed to a flat step where it lies: imported as it
+is (``gradient_import``), at any 4-byte-aligned address, since llvm-cpu steps are compiled
+to assume no more than that of their bindings (compiler/targets.py).
 """
 import ctypes
-import mmap
 import os
+import weakref
 
 import numpy as np
 
 import iree.runtime as rt
 
-from ..kernels.step import GRAD_SLACK
 from .device import _ELEMENT_TYPES, numpy_dtype
 
 ALIGN = 64
 DRIVERS = ("local-sync", "local-task")
-PAGE = mmap.PAGESIZE
-#: a caller's gradient this large (bytes) is passed in place rather than copied (an import
-#: costs ~14 us; a copy of 256 KiB ~20-60 us here, and 11 ms at 64 MiB)
-IN_PLACE_MIN_BYTES = 1 << 18
+#: a variable this large (bytes) has a group of its own, whose float32 gradient is passed
+#: in place rather than copied (an import costs ~5 us; a copy of 256 KiB ~20-60 us here,
+#: and 11 ms at 64 MiB)
+IN_PLACE_MIN_BYTES = 1 << 16
 
 
 class ImportedBuffer:
     """The DeviceBuffer interface (``host``, ``view``, ``buffer``, ``write``, ``read``) over
-    ``host``, a numpy array of ours imported into the device without a copy."""
+    ``host``, a numpy array imported into the device without a copy (ours, or a caller's
+    gradient, which is only read)."""
 
     def __init__(self, device, host, dtype):
         self.device, self.host, self.dtype = device, host, dtype
@@ -57,28 +61,25 @@ def _aligned_zeros(nbytes):
 def layout(shapes, dtype):
     """Element offsets of members of ``shapes`` and the total, each member on a 64-byte
     boundary for elements of ``dtype`` and of any wider dtype (so that a group's float32
-    slots share its bfloat16 parameters' layout)."""
+    slots share its bfloat16 parameters' layout); the last one ends the group (a group of
+    one variable is exactly its size)."""
     step = max(1, ALIGN // numpy_dtype(dtype).itemsize)
     offsets, total = [], 0
     for shape in shapes:
-        offsets.append(total)
-        size = int(np.prod(shape, dtype=np.int64))
-        total += -(-max(size, 1) // step) * step
+        offsets.append(-(-total // step) * step)
+        total = offsets[-1] + max(int(np.prod(shape, dtype=np.int64)), 1)
     return offsets, total
 
 
-def arena(device, shapes, dtype, layout_dtype=None, slack=0):
+def arena(device, shapes, dtype, layout_dtype=None):
     """(group buffer, [member buffers]) for members of ``shapes`` and ``dtype``, zero-filled,
-    laid out as for ``layout_dtype`` (default ``dtype``).  With ``slack``, the arena has that
-    many more (zero) elements at its end, and the group buffer is a pair (without them, with
-    them)."""
+    laid out as for ``layout_dtype`` (default ``dtype``)."""
     np_dtype = numpy_dtype(dtype)
     offsets, total = layout(shapes, layout_dtype or dtype)
-    flat = _aligned_zeros((total + slack) * np_dtype.itemsize).view(np_dtype)
+    flat = _aligned_zeros(total * np_dtype.itemsize).view(np_dtype)
     members = [ImportedBuffer(device, flat[o:o + int(np.prod(s, dtype=np.int64))].reshape(s), dtype)
                for o, s in zip(offsets, shapes)]
-    group = ImportedBuffer(device, flat[:total], dtype)
-    return (group, ImportedBuffer(device, flat, dtype)) if slack else group, members
+    return ImportedBuffer(device, flat, dtype), members
 
 
 #: gradient copies of at least this many bytes in one step are split over the cores
@@ -161,49 +162,70 @@ def host_buffer(device, shape, dtype):
                           .reshape(shape), dtype)
 
 
-class InPlaceGradient:
-    """A caller's float32 gradient imported into the device where it lies: the flat
-    ``length + GRAD_SLACK`` elements from the 64-byte boundary at or before its first
-    element (``start`` elements before it), as a grad-view step reads it (kernels/step.py).
-    Built only where that whole range lies in the memory pages the array (or the array it
-    is a view of) occupies, so nothing outside mapped memory is read; the elements past the
-    array are masked off by the step.  Keeps ``array`` alive while the import exists."""
+def in_place(array):
+    """Whether a caller's gradient ``array`` (of a variable's shape) can be passed to a flat
+    step where it lies: a float32, C-contiguous, aligned numpy array of IN_PLACE_MIN_BYTES
+    or more."""
+    return (type(array) is np.ndarray and array.dtype == np.float32 and array.flags.c_contiguous
+            and array.flags.aligned and array.nbytes >= IN_PLACE_MIN_BYTES)
 
-    def __init__(self, device, array, length):
-        self.array = array
-        self.start = self.start_of(array)
-        base = array.ctypes.data - 4 * self.start
-        nbytes = (length + GRAD_SLACK) * 4
-        region = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(base))
-        self.buffer = device.hal_device.allocator.import_host_allocation(
-            region, memory_type=rt.MemoryType.HOST_LOCAL | rt.MemoryType.DEVICE_VISIBLE,
-            allowed_usage=rt.BufferUsage.DEFAULT)
-        self.view = rt.HalBufferView(self.buffer, [length + GRAD_SLACK], _ELEMENT_TYPES["float32"])
-        self.region = region
 
-    @staticmethod
-    def start_of(array):
-        """Elements from the 64-byte boundary at or before ``array``'s first element to it."""
-        return array.ctypes.data % ALIGN // 4
+class GradientBindings:
+    """The gradient arguments of a group step's own groups (one large variable each), bound
+    every step (``bind``) either to the caller's array where it lies or to the group's
+    staging buffer, and the VM argument list that passes them.
 
-    @classmethod
-    def view(cls, array, length):
-        """The step's view ``(start, count)`` of ``array`` passed in place as the gradient of a
-        ``length``-element group, or None where it cannot be (see ``possible``)."""
-        return (cls.start_of(array), array.size) if cls.possible(array, length) else None
+    An import of a caller's memory does not keep the array alive (the step is synchronous:
+    the caller holds its arrays while it runs), so a new gradient array that reuses the
+    memory of an earlier one, as freshly allocated gradients usually do, finds its import
+    and argument list already made: kept per (address, size), the last few of each group
+    and the last few lists.  Every step binds every own group again before the step runs,
+    so an import of memory since freed is never read."""
 
-    @staticmethod
-    def possible(array, length):
-        """Whether ``array`` (the gradient of a ``length``-element group) can be imported."""
-        if type(array) is not np.ndarray or array.dtype != np.float32 or not array.flags.c_contiguous \
-                or array.nbytes < IN_PLACE_MIN_BYTES or not array.flags.aligned:
-            return False
-        address = array.ctypes.data
-        end = address - address % ALIGN + (length + GRAD_SLACK) * 4
-        last = address + array.nbytes          # the memory known to be mapped ends here, or
-        root = array.base                      # at the end of the array it is a view of
-        while isinstance(root, np.ndarray) and root.base is not None:
-            root = root.base
-        if isinstance(root, np.ndarray) and root.flags.c_contiguous:
-            last = max(last, root.ctypes.data + root.nbytes)
-        return (end - 1) // PAGE <= (last - 1) // PAGE
+    KEEP = 4
+
+    def __init__(self, module, buffers, arguments):
+        self.module, self.buffers = module, list(buffers)
+        self.arguments = arguments                # own group -> its gradient's argument index
+        self.bound = dict.fromkeys(arguments)     # own group -> the import bound now, or None
+        self._recent = {j: [] for j in arguments}  # own group -> [(weakref of an array, its import)]
+        self._imports = {j: {} for j in arguments}
+        self._lists = {}
+
+    def bind(self, sources):
+        """The argument list with ``sources`` ({own group: gradient array, or None for its
+        staging buffer}) bound."""
+        for j, array in sources.items():
+            if array is None:
+                self.bound[j] = None
+                continue
+            recent = self._recent[j]
+            for ref, found in recent:               # the same array object as lately: no lookup
+                if ref() is array:
+                    break
+            else:
+                key = (array.__array_interface__["data"][0], array.nbytes)
+                imports = self._imports[j]
+                found = imports.get(key)
+                if found is None:
+                    found = imports[key] = self._import(*key)
+                    if len(imports) > self.KEEP:
+                        del imports[next(iter(imports))]
+                recent.insert(0, (weakref.ref(array), found))
+                del recent[self.KEEP:]
+            self.bound[j] = found
+        key = tuple(self.bound.values())          # (the imports themselves: alive while keyed)
+        args = self._lists.get(key)
+        if args is None:
+            buffers = list(self.buffers)
+            for j, a in self.arguments.items():
+                if self.bound[j] is not None:
+                    buffers[a] = self.bound[j]
+            args = self._lists[key] = self.module.arguments(buffers)
+            if len(self._lists) > self.KEEP:
+                del self._lists[next(iter(self._lists))]
+        return args
+
+    def _import(self, address, nbytes):
+        region = (ctypes.c_char * nbytes).from_address(address)
+        return ImportedBuffer(self.module.loaded.device, np.frombuffer(region, np.float32), "float32")

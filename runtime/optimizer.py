@@ -14,7 +14,7 @@ import numpy as np
 
 from ..kernels import ema as ema_kernel
 from ..kernels import schedules
-from ..kernels.step import GRAD_SLACK, StepSpec, VarSpec, slot_dtype
+from ..kernels.step import StepSpec, VarSpec, size_of, slot_dtype
 from .cache import step_module
 from .device import Device, is_real, numpy_dtype
 from . import flat, sparse
@@ -59,7 +59,7 @@ class _PreparedStep:
         self.spec, self.module, self.args = spec, module, args
         self.buffers, self.grad_buffers = buffers, grad_buffers
         self.verified = False
-        self.in_place = None           # group steps with views: per group, the gradient passed in place
+        self.bindings = None           # group steps with own groups: flat.GradientBindings
 
 
 #: on device "cpu", a flat step over at least this many parameters runs on IREE's
@@ -279,7 +279,7 @@ class Optimizer(Training):
         if self._artifact is not None:
             excluded = [not v["weight_decay"] for v in self._artifact.variables]
         self._groups = self._group_buffers = None
-        self._view_groups = {}       # set by _build_flat
+        self._own_groups = {}        # set by _build_flat
         self._grad_buffers = {}      # (variable index, None | bucket) -> staging buffer(s), made once
         if device.mappable and device.driver in flat.DRIVERS and \
                 not any(isinstance(v._buffer, flat.ImportedBuffer) for v in var_list):
@@ -294,7 +294,7 @@ class Optimizer(Training):
         self._slots, self._averages, self._hyper_buffer = slots, averages, hyper
         self._scratch_buffers = {}   # variable index -> scratch table of sparse Adam, made once
         self._scratch_rows = {}      # variable index -> rows its scratch table holds (host copy)
-        self._device, self._prepared, self._train_steps, self._last_group_step = device, {}, {}, None
+        self._device, self._prepared, self._train_steps = device, {}, {}
         self._repeat_steps = {}      # variable ids -> a remembered dense flat step (_apply_repeat)
         self._decay_excluded = excluded
         self.built = True
@@ -311,24 +311,24 @@ class Optimizer(Training):
 
     def _build_flat(self, var_list, excluded, device):
         """Move the variables, and make their slots, EMA averages and gradient staging, into
-        flat storage: one arena per (dtype, weight-decay exclusion) group and kind of state.
-        Returns (slots, averages) as Variables over the member slices."""
+        flat storage: one arena per group and kind of state.  A group is the variables of one
+        (dtype, weight-decay exclusion), except that a large float32 variable has a group of
+        its own, whose gradient can then be passed in place (``_own_groups``; the step has one
+        dispatch per group).  Returns (slots, averages) as Variables over the member slices."""
         groups = {}
         for i, v in enumerate(var_list):
-            groups.setdefault((v.dtype, excluded[i]), []).append(i)
-        self._groups = [(dtype, excl, members) for (dtype, excl), members in groups.items()]
+            own = v.dtype == "float32" and 4 * size_of(v.shape) >= flat.IN_PLACE_MIN_BYTES
+            groups.setdefault((v.dtype, excluded[i], i if own else None), []).append(i)
+        self._groups = [(dtype, excl, members) for (dtype, excl, _), members in groups.items()]
         kinds = ["params", "grads"] + list(self._slot_names) + (["ema"] if self.use_ema else [])
-        self._group_buffers = {k: [] for k in kinds + ["grads_slack"]}
+        self._group_buffers = {k: [] for k in kinds}
         slots = {k: [None] * len(var_list) for k in self._slot_names}
         averages = [None] * len(var_list) if self.use_ema else []
         for dtype, _, members in self._groups:
             shapes = [var_list[i].shape for i in members]
             for kind in kinds:
                 group, parts = flat.arena(device, shapes, dtype if kind in ("params", "grads") else slot_dtype(dtype),
-                                          layout_dtype=dtype, slack=GRAD_SLACK if kind == "grads" else 0)
-                if kind == "grads":        # (exact, with the slack a grad-view step reads)
-                    group, with_slack = group
-                    self._group_buffers["grads_slack"].append(with_slack)
+                                          layout_dtype=dtype)
                 self._group_buffers[kind].append(group)
                 for i, part in zip(members, parts):
                     var = var_list[i]
@@ -342,11 +342,10 @@ class Optimizer(Training):
                         averages[i] = Variable._over(part, f"{var.name}/average", var.device)
                     else:
                         slots[kind][i] = Variable._over(part, f"{var.name}/{kind}", var.device)
-        # the groups that can take their gradient in place (one large float32 variable): length
-        self._view_groups = {j: group.shape[0] for j, ((dtype, _, members), group)
-                             in enumerate(zip(self._groups, self._group_buffers["params"]))
-                             if len(members) == 1 and dtype == "float32"
-                             and 4 * group.shape[0] >= flat.IN_PLACE_MIN_BYTES}
+        # the groups that can take their gradient in place: group -> its variable
+        self._own_groups = {j: members[0] for j, (dtype, _, members) in enumerate(self._groups)
+                            if len(members) == 1 and dtype == "float32"
+                            and 4 * self._group_buffers["params"][j].shape[0] >= flat.IN_PLACE_MIN_BYTES}
         return slots, averages
 
     def _groups_apply(self, indices, buckets):
@@ -355,31 +354,23 @@ class Optimizer(Training):
         return (self._groups is not None and self._artifact is None and len(indices) == len(self._index)
                 and all(b is None for b in buckets) and self._clip()[0] != "clipnorm")
 
-    def _prepare_groups(self, indices, views=None):
-        """The ``_PreparedStep`` that updates every variable through the group buffers; with
-        ``views`` (per group None or (start, count)), the viewed groups' gradients are passed
-        in place (``_stage_groups``)."""
-        key = ("groups", views) + self._structure_key()
+    def _prepare_groups(self, indices):
+        """The ``_PreparedStep`` that updates every variable through the group buffers (its
+        own groups' gradients bound per step: ``flat.GradientBindings``)."""
+        key = ("groups",) + self._structure_key()
         if key not in self._prepared:
             spec = self._structure([VarSpec(g.shape, dtype) for g, (dtype, _, _) in
                                     zip(self._group_buffers["params"], self._groups)],
                                    [not excl for _, excl, _ in self._groups])
-            spec = dataclasses.replace(spec, grad_views=views)
             device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
-            buffers = []
-            for kind, j, _, _ in spec.arguments():
-                if kind == "hyper":
-                    buffers.append(self._hyper_buffer)
-                elif kind == "grads" and views and views[j] is not None:
-                    buffers.append(self._group_buffers["grads_slack"][j])     # replaced by the import
-                else:
-                    buffers.append(self._group_buffers[kind][j])
+            buffers = [self._hyper_buffer if kind == "hyper" else self._group_buffers[kind][j]
+                       for kind, j, _, _ in spec.arguments()]
             buffers = [flat.on_device(b, device) for b in buffers]
             prepared = self._prepared_step(spec, buffers, [self._grad_buffers[(i, None)] for i in indices], device)
-            if views:
-                prepared.in_place = [None] * len(views)
-                prepared.grads_arguments = {j: a for a, (kind, j, _, _) in enumerate(spec.arguments())
-                                            if kind == "grads" and views[j] is not None}
+            if self._own_groups and prepared.module is not None:
+                prepared.bindings = flat.GradientBindings(
+                    prepared.module, buffers, {j: a for a, (kind, j, _, _) in enumerate(spec.arguments())
+                                               if kind == "grads" and j in self._own_groups})
             self._prepared[key] = prepared
         return self._prepared[key]
 
@@ -390,52 +381,22 @@ class Optimizer(Training):
             return Device.get("local-task")
         return self._device
 
-    def _group_views(self, order):
-        """Per group, the view (start, count) of its gradient passed in place, or None: a
-        large float32 C-contiguous gradient of a one-variable group; None if no group has one.
-        (A step compiles once per distinct view: the start is the array's address mod 64.)"""
-        if not self.jit_compile or not self._view_groups:
-            return None
-        grads = {self._index[id(v)]: g for g, v in order}
-        views = [flat.InPlaceGradient.view(grads[self._groups[j][2][0]], self._view_groups[j])
-                 if j in self._view_groups else None for j in range(len(self._groups))]
-        return tuple(views) if any(v is not None for v in views) else None
-
-    def _use_group_step(self, prepared):
-        """``prepared`` runs next: the group step used before it lets go of the caller's arrays."""
-        last, self._last_group_step = self._last_group_step, prepared
-        if last is not prepared and last is not None and last.in_place:
-            last.in_place = [None] * len(last.in_place)
-            last.args = last.module.arguments(last.buffers)
-
     def _stage_groups(self, prepared, order):
-        """The (staging buffer, array) copies of a group step's gradients; the viewed groups'
-        gradients are imported where they lie instead (``flat.InPlaceGradient``)."""
+        """The (staging buffer, array) copies of a group step's gradients; those of its own
+        groups that can be are bound where they lie instead (``flat.in_place``)."""
         grads = {self._index[id(v)]: g for g, v in order}
-        copies, imports = [], {}
+        copies, sources = [], {}
+        own = prepared.bindings.arguments if prepared.bindings is not None else ()
         for j, (_, _, members) in enumerate(self._groups):
-            if prepared.in_place is None or j not in prepared.grads_arguments:
-                copies += [(self._grad_buffers[(i, None)]["grads"], grads[i]) for i in members]
-            else:
-                imports[j] = grads[members[0]]
-        self._import_in_place(prepared, imports)
+            if j in own:
+                grad = grads[members[0]]
+                sources[j] = grad if flat.in_place(grad) else None
+                if sources[j] is not None:
+                    continue
+            copies += [(self._grad_buffers[(i, None)]["grads"], grads[i]) for i in members]
+        if own:
+            prepared.args = prepared.bindings.bind(sources)
         return copies
-
-    def _import_in_place(self, prepared, imports):
-        """Pass ``imports`` ({viewed group: its gradient array}) in place; the argument list is
-        rebuilt only when an array is not the one passed last time."""
-        changed = False
-        for j, grad in imports.items():
-            current = prepared.in_place[j]
-            if current is None or current.array is not grad:
-                length = self._group_buffers["params"][j].shape[0]
-                prepared.in_place[j] = flat.InPlaceGradient(prepared.module.loaded.device, grad, length)
-                changed = True
-        if changed:
-            buffers = list(prepared.buffers)
-            for j, a in prepared.grads_arguments.items():
-                buffers[a] = prepared.in_place[j]
-            prepared.args = prepared.module.arguments(buffers)
 
     def _prepared_step(self, spec, buffers, grad_buffers, device=None):
         """A ``_PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,
@@ -607,8 +568,7 @@ class Optimizer(Training):
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
         groups = self._groups_apply(indices, buckets)
         if groups:
-            prepared = self._prepare_groups(indices, self._group_views(order))
-            self._use_group_step(prepared)
+            prepared = self._prepare_groups(indices)
         else:
             prepared = self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)
@@ -651,20 +611,13 @@ class Optimizer(Training):
     def _remember_repeat(self, pairs, prepared):
         """After a dense flat step: what a call with the same variables in the same order
         needs (``_apply_repeat``), keyed by their ids (the entry keeps the variables alive).
-        Per pair: the staging host array to copy into, or for a gradient the step took in
-        place (group j, view start, group length), which a repeat must match to reuse it."""
+        Per pair: the staging host array to copy its gradient into, and its own group (whose
+        gradient may be bound in place instead) or None."""
         variables = [v for _, v in pairs]
-        group_of = {self._groups[j][2][0]: j for j in self._view_groups}
-        targets = []
-        for v in variables:
-            i = self._index[id(v)]
-            j = group_of.get(i)
-            if prepared.in_place is not None and j in prepared.grads_arguments:
-                targets.append((j, prepared.spec.grad_views[j], self._view_groups[j]))
-            else:       # copied; a gradient that could be taken in place goes to the general path
-                targets.append((self._grad_buffers[(i, None)]["grads"].host, self._view_groups.get(j)))
-        nbytes = sum(t[0].nbytes for t in targets if len(t) == 2)
-        self._repeat_steps[tuple(map(id, variables))] = (self._structure_key(), prepared, targets, nbytes, variables)
+        own = {i: j for j, i in self._own_groups.items()} if prepared.bindings is not None else {}
+        targets = [(self._grad_buffers[(self._index[id(v)], None)]["grads"].host, own.get(self._index[id(v)]))
+                   for v in variables]
+        self._repeat_steps[tuple(map(id, variables))] = (self._structure_key(), prepared, targets, variables)
 
     def _apply_repeat(self, pairs):
         """A dense flat step for the same variables, in the same order, as a remembered one,
@@ -677,25 +630,22 @@ class Optimizer(Training):
             return False
         if entry is None or entry[0] != self._structure_key():
             return False
-        _, prepared, targets, nbytes, _ = entry
-        copies, imports = [], {}
-        for (grad, var), target in zip(pairs, targets):
+        _, prepared, targets, _ = entry
+        copies, sources, nbytes = [], {}, 0
+        for (grad, var), (host, j) in zip(pairs, targets):
             if type(grad) is not np.ndarray or grad.shape != var.shape or grad.dtype.kind != "f":
                 return False
-            if len(target) == 2:
-                host, could_view = target
-                if could_view is not None and flat.InPlaceGradient.possible(grad, could_view):
-                    return False
-                copies.append((host, grad))
-                continue
-            j, view, length = target            # taken in place last time: only the same view will do
-            if flat.InPlaceGradient.view(grad, length) != view:
-                return False
-            imports[j] = grad
+            if j is not None:
+                if flat.in_place(grad):
+                    sources[j] = grad
+                    continue
+                sources[j] = None
+            copies.append((host, grad))
+            nbytes += host.nbytes
         lr = self._step_lr()
         hyper = self._constants(prepared.spec, lr)
-        self._use_group_step(prepared)
-        self._import_in_place(prepared, imports)
+        if sources:
+            prepared.args = prepared.bindings.bind(sources)
         flat.copy_to_hosts(copies, nbytes)
         self._run_prepared(prepared, hyper)
         return True

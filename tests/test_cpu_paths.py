@@ -1,5 +1,5 @@
 """The CPU fast paths, each against the float64 reference: large float32 gradients are
-passed to the compiled step where they lie (kernels/step.py "grad views"), not copied (the
+passed to the compiled step where they lie, at any 4-byte-aligned address, not copied (the
 step reads exactly the caller's elements and never writes them); large flat steps on
 device "cpu" run on local-task; large gradient copies are split over the cores."""
 import numpy as np
@@ -10,19 +10,17 @@ from ireeopt.runtime import flat
 
 from .reference import Reference
 
-N = (flat.IN_PLACE_MIN_BYTES // 4) + 5          # not a multiple of 16: the group has padding
+N = (flat.IN_PLACE_MIN_BYTES // 4) + 5          # not a multiple of 16
 
 
 def _in_place(opt):
-    """The gradients the optimizer's group steps hold in place (only the last one used
-    keeps its imports)."""
-    return [g.array for p in opt._prepared.values() if p.in_place for g in p.in_place if g is not None]
+    """(address, size) of the memory the optimizer's group steps bind as gradients now."""
+    return sorted((b.host.ctypes.data, b.host.nbytes) for p in opt._prepared.values() if p.bindings
+                  for b in p.bindings.bound.values() if b is not None)
 
 
-def _roomy(values):
-    """``values`` in memory followed by 64 more floats: the page check always lets it be
-    imported (a lone array ending within ~120 bytes of a page end is copied instead)."""
-    return np.concatenate([values, np.zeros(64, values.dtype)])[:len(values)]
+def _where(*arrays):
+    return sorted((a.ctypes.data, a.nbytes) for a in arrays)
 
 
 def _poisoned(values, offset):
@@ -48,9 +46,10 @@ def test_in_place_gradients_match_the_reference(device, kwargs):
         opt.apply_gradients([(grad, var)])
         ref.step([grad])
         np.testing.assert_array_equal(backing, before)       # nothing of the caller's memory was written
-        assert _in_place(opt) == [grad]
+        assert _in_place(opt) == _where(grad)
         np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6, err_msg=f"step {step}")
     np.testing.assert_allclose(opt._slots["m"][0].numpy(), ref.m[0], rtol=2e-5, atol=2e-6)
+    assert len(opt._prepared) == 1             # one compiled step, whatever the gradients' addresses
 
 
 def _one_variable(seed):
@@ -63,12 +62,12 @@ def _one_variable(seed):
 
 def test_a_reused_gradient_array_is_read_again_each_step():
     rng, var, opt, ref = _one_variable(1)
-    grad = _roomy(np.empty(N, np.float32))
+    grad = np.empty(N, np.float32)
     for _ in range(3):
         grad[:] = rng.standard_normal(N)                      # the caller refills the same array
         opt.apply_gradients([(grad, var)])                    # (repeats take the short path, in place)
         ref.step([grad.copy()])
-        assert _in_place(opt) == [grad]
+        assert _in_place(opt) == _where(grad)
     np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
     assert len(opt._repeat_steps) == 1 and opt.device_calls == 3
 
@@ -80,16 +79,16 @@ def test_small_other_dtype_and_strided_gradients_are_copied():
         opt.apply_gradients([(grad, var)])
         ref.step([np.asarray(grad, np.float32)])
         assert _in_place(opt) == []
-    grad = _roomy(rng.standard_normal(N).astype(np.float32))            # in place
+    grad = rng.standard_normal(N).astype(np.float32)                    # in place
     opt.apply_gradients([(grad, var)])
     ref.step([grad])
-    assert _in_place(opt) == [grad]
+    assert _in_place(opt) == _where(grad)
     np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
     small = ireeopt.Variable(np.ones(1000, np.float32), name="small")
     opt2 = ireeopt.Adam()
     opt2.apply_gradients([(np.ones(1000, np.float32), small)])
     (prepared,) = opt2._prepared.values()
-    assert prepared.in_place is None and not prepared.spec.grad_views
+    assert prepared.bindings is None
 
 
 @pytest.mark.parametrize("device,driver", [("cpu", "local-task"), ("local-sync", "local-sync")])
@@ -183,6 +182,37 @@ def test_repeated_dense_steps_take_the_short_path_and_stay_exact():
         for v, expected in zip(variables, ref.p):
             np.testing.assert_allclose(v.numpy(), expected, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
     assert len(opt._repeat_steps) == 2 and opt.device_calls == 6 and opt.iterations == 6
+
+
+def test_large_variables_of_a_model_take_their_gradients_in_place():
+    """In a model of large and small variables, each large float32 variable has a group
+    (and a dispatch) of its own, whose gradient is bound where it lies; the small ones share
+    one group, copied.  A large gradient that cannot be bound (float64, strided) is copied
+    into its group's staging, and the next one is bound again; nothing outside the callers'
+    arrays is read, and they are never written."""
+    shapes = [(N,), (7, 3), (N + 11,), (300,), (N // 2 + 1, 2)]
+    rng, variables, opt, ref = _model(7, shapes)
+    opt.exclude_from_weight_decay(var_names=["w3"])
+    large = [0, 2, 4]
+    for step in range(5):
+        grads, backings = [], []
+        for k, s in enumerate(shapes):
+            backing, g = _poisoned(rng.standard_normal(s).astype(np.float32).reshape(-1), 2 * step + k)
+            grads.append(g.reshape(s))
+            backings.append((backing, backing.copy()))
+        if step == 2:
+            grads[2] = grads[2].astype(np.float64)
+        if step == 3:
+            grads[4] = np.asfortranarray(grads[4])
+        opt.apply_gradients(zip(grads, variables))
+        ref.step([np.asarray(g, np.float32) for g in grads])
+        expected = [grads[k] for k in large if grads[k].dtype == np.float32 and grads[k].flags.c_contiguous]
+        assert _in_place(opt) == _where(*expected), step
+        for backing, before in backings:
+            np.testing.assert_array_equal(backing, before)
+        for v, want in zip(variables, ref.p):
+            np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
+    assert len(opt._groups) == 5 and len(opt._prepared) == 1 and opt.device_calls == 5   # 3 own + 2 small
 
 
 def test_variable_gradients_are_read_where_they_lie():
