@@ -5,7 +5,6 @@ learning rate, compute the float32 step constants, copy the gradients into
 their persistent device buffers, and make **one** call of the compiled step
 module, which updates parameters, slots and EMA averages in place.
 """
-import dataclasses
 import numbers
 import re
 import warnings
