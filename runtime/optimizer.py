@@ -8,6 +8,7 @@ module, which updates parameters, slots and EMA averages in place.
 import numbers
 import re
 import warnings
+from operator import itemgetter
 
 import numpy as np
 
@@ -616,7 +617,8 @@ class Optimizer(Training):
         own = {i: j for j, i in self._own_groups.items()} if prepared.bindings is not None else {}
         targets = [(self._grad_buffers[(self._index[id(v)], None)]["grads"].host, own.get(self._index[id(v)]))
                    for v in variables]
-        self._repeat_steps[tuple(map(id, variables))] = (self._structure_key(), prepared, targets, variables)
+        copied = sum(host.nbytes for host, j in targets if j is None)       # bytes always copied
+        self._repeat_steps[tuple(map(id, variables))] = (self._structure_key(), prepared, targets, copied, variables)
 
     def _apply_repeat(self, pairs):
         """A dense flat step for the same variables, in the same order, as a remembered one,
@@ -624,13 +626,13 @@ class Optimizer(Training):
         path sorts, groups and re-checks every pair).  Returns False, having changed
         nothing, for anything else (the general path then handles, or rejects, the call)."""
         try:
-            entry = self._repeat_steps.get(tuple(id(v) for _, v in pairs))
+            entry = self._repeat_steps.get(tuple(map(id, map(itemgetter(1), pairs))))
         except (TypeError, ValueError):
             return False
         if entry is None or entry[0] != self._structure_key():
             return False
-        _, prepared, targets, _ = entry
-        copies, sources, nbytes = [], {}, 0
+        _, prepared, targets, nbytes, _ = entry
+        copies, sources = [], {}
         for (grad, var), (host, j) in zip(pairs, targets):
             if type(grad) is not np.ndarray or grad.shape != var.shape or grad.dtype.kind != "f":
                 return False
@@ -639,8 +641,8 @@ class Optimizer(Training):
                     sources[j] = grad
                     continue
                 sources[j] = None
+                nbytes += host.nbytes
             copies.append((host, grad))
-            nbytes += host.nbytes
         lr = self._step_lr()
         hyper = self._constants(prepared.spec, lr)
         if sources:
