@@ -8,16 +8,16 @@ module, which updates parameters, slots and EMA averages in place.
 import numbers
 import re
 import warnings
-from operator import itemgetter
 
 import numpy as np
 
 from ..kernels import ema as ema_kernel
 from ..kernels import schedules
-from ..kernels.step import StepSpec, VarSpec, size_of, slot_dtype
+from ..kernels.step import StepSpec, VarSpec, slot_dtype
 from .cache import step_module
-from .device import Device, is_real, numpy_dtype
+from .device import is_real, numpy_dtype
 from . import flat, sparse
+from .groups import GroupSteps
 from .train import Training
 from .variable import Variable
 
@@ -62,13 +62,7 @@ class _PreparedStep:
         self.bindings = None           # group steps with own groups: flat.GradientBindings
 
 
-#: on device "cpu", a flat step over at least this many parameters runs on IREE's
-#: multi-threaded local-task driver (over the same memory), a smaller one on local-sync
-#: (the calling thread: no worker wake-up); "local-sync"/"local-task" force one
-TASK_MIN_PARAMS = 1 << 19
-
-
-class Optimizer(Training):
+class Optimizer(GroupSteps, Training):
     """Base class of ``Adam``, ``AdamW`` and ``Adamax``; see those for the update rules."""
 
     _kind = None            # kernel name in kernels.step.OPTIMIZERS
@@ -309,95 +303,6 @@ class Optimizer(Training):
                 self.built = False
                 raise
 
-    def _build_flat(self, var_list, excluded, device):
-        """Move the variables, and make their slots, EMA averages and gradient staging, into
-        flat storage: one arena per group and kind of state.  A group is the variables of one
-        (dtype, weight-decay exclusion), except that a large float32 variable has a group of
-        its own, whose gradient can then be passed in place (``_own_groups``; the step has one
-        dispatch per group).  Returns (slots, averages) as Variables over the member slices."""
-        groups = {}
-        for i, v in enumerate(var_list):
-            own = v.dtype == "float32" and 4 * size_of(v.shape) >= flat.IN_PLACE_MIN_BYTES
-            groups.setdefault((v.dtype, excluded[i], i if own else None), []).append(i)
-        self._groups = [(dtype, excl, members) for (dtype, excl, _), members in groups.items()]
-        kinds = ["params", "grads"] + list(self._slot_names) + (["ema"] if self.use_ema else [])
-        self._group_buffers = {k: [] for k in kinds}
-        slots = {k: [None] * len(var_list) for k in self._slot_names}
-        averages = [None] * len(var_list) if self.use_ema else []
-        for dtype, _, members in self._groups:
-            shapes = [var_list[i].shape for i in members]
-            for kind in kinds:
-                group, parts = flat.arena(device, shapes, dtype if kind in ("params", "grads") else slot_dtype(dtype),
-                                          layout_dtype=dtype)
-                self._group_buffers[kind].append(group)
-                for i, part in zip(members, parts):
-                    var = var_list[i]
-                    if kind == "params":
-                        part.write(var.numpy())
-                        var._buffer = part
-                    elif kind == "grads":
-                        self._grad_buffers[(i, None)] = {"grads": part}
-                    elif kind == "ema":
-                        part.write(var.numpy())
-                        averages[i] = Variable._over(part, f"{var.name}/average", var.device)
-                    else:
-                        slots[kind][i] = Variable._over(part, f"{var.name}/{kind}", var.device)
-        # the groups that can take their gradient in place: group -> its variable
-        self._own_groups = {j: members[0] for j, (dtype, _, members) in enumerate(self._groups)
-                            if len(members) == 1 and dtype == "float32"
-                            and 4 * self._group_buffers["params"][j].shape[0] >= flat.IN_PLACE_MIN_BYTES}
-        return slots, averages
-
-    def _groups_apply(self, indices, buckets):
-        """Whether this step can run as one flat step over the groups: every variable gets a
-        dense gradient, and no clipping by each variable's own norm."""
-        return (self._groups is not None and self._artifact is None and len(indices) == len(self._index)
-                and all(b is None for b in buckets) and self._clip()[0] != "clipnorm")
-
-    def _prepare_groups(self, indices):
-        """The ``_PreparedStep`` that updates every variable through the group buffers (its
-        own groups' gradients bound per step: ``flat.GradientBindings``)."""
-        key = ("groups",) + self._structure_key()
-        if key not in self._prepared:
-            spec = self._structure([VarSpec(g.shape, dtype) for g, (dtype, _, _) in
-                                    zip(self._group_buffers["params"], self._groups)],
-                                   [not excl for _, excl, _ in self._groups])
-            device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
-            buffers = [self._hyper_buffer if kind == "hyper" else self._group_buffers[kind][j]
-                       for kind, j, _, _ in spec.arguments()]
-            buffers = [flat.on_device(b, device) for b in buffers]
-            prepared = self._prepared_step(spec, buffers, [self._grad_buffers[(i, None)] for i in indices], device)
-            if self._own_groups and prepared.module is not None:
-                prepared.bindings = flat.GradientBindings(
-                    prepared.module, buffers, {j: a for a, (kind, j, _, _) in enumerate(spec.arguments())
-                                               if kind == "grads" and j in self._own_groups})
-            self._prepared[key] = prepared
-        return self._prepared[key]
-
-    def _group_step_device(self, params):
-        """The device a flat step over ``params`` parameters runs on (see TASK_MIN_PARAMS)."""
-        auto = self._vars[0].device.partition(":")[0] == "cpu" and self._device.driver == "local-sync"
-        if auto and self.jit_compile and params >= TASK_MIN_PARAMS:
-            return Device.get("local-task")
-        return self._device
-
-    def _stage_groups(self, prepared, order):
-        """The (staging buffer, array) copies of a group step's gradients; those of its own
-        groups that can be are bound where they lie instead (``flat.in_place``)."""
-        grads = {self._index[id(v)]: g for g, v in order}
-        copies, sources = [], {}
-        own = prepared.bindings.arguments if prepared.bindings is not None else ()
-        for j, (_, _, members) in enumerate(self._groups):
-            if j in own:
-                grad = grads[members[0]]
-                sources[j] = grad if flat.in_place(grad) else None
-                if sources[j] is not None:
-                    continue
-            copies += [(self._grad_buffers[(i, None)]["grads"], grads[i]) for i in members]
-        if own:
-            prepared.args = prepared.bindings.bind(sources)
-        return copies
-
     def _prepared_step(self, spec, buffers, grad_buffers, device=None):
         """A ``_PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,
         or none for ``jit_compile=False``) on ``device`` (default the optimizer's) and the VM
@@ -606,50 +511,6 @@ class Optimizer(Training):
         if scratch_rows:
             self._scratch_rows.update(scratch_rows)
         self._iterations += 1
-
-    # ------------------------------------------------------------------ the repeated dense step
-    def _remember_repeat(self, pairs, prepared):
-        """After a dense flat step: what a call with the same variables in the same order
-        needs (``_apply_repeat``), keyed by their ids (the entry keeps the variables alive).
-        Per pair: the staging host array to copy its gradient into, and its own group (whose
-        gradient may be bound in place instead) or None."""
-        variables = [v for _, v in pairs]
-        own = {i: j for j, i in self._own_groups.items()} if prepared.bindings is not None else {}
-        targets = [(self._grad_buffers[(self._index[id(v)], None)]["grads"].host, own.get(self._index[id(v)]))
-                   for v in variables]
-        copied = sum(host.nbytes for host, j in targets if j is None)       # bytes always copied
-        self._repeat_steps[tuple(map(id, variables))] = (self._structure_key(), prepared, targets, copied, variables)
-
-    def _apply_repeat(self, pairs):
-        """A dense flat step for the same variables, in the same order, as a remembered one,
-        with plain float arrays of their shapes: checked and staged in one pass (the general
-        path sorts, groups and re-checks every pair).  Returns False, having changed
-        nothing, for anything else (the general path then handles, or rejects, the call)."""
-        try:
-            entry = self._repeat_steps.get(tuple(map(id, map(itemgetter(1), pairs))))
-        except (TypeError, ValueError):
-            return False
-        if entry is None or entry[0] != self._structure_key():
-            return False
-        _, prepared, targets, nbytes, _ = entry
-        copies, sources = [], {}
-        for (grad, var), (host, j) in zip(pairs, targets):
-            if type(grad) is not np.ndarray or grad.shape != var.shape or grad.dtype.kind != "f":
-                return False
-            if j is not None:
-                if flat.in_place(grad):
-                    sources[j] = grad
-                    continue
-                sources[j] = None
-                nbytes += host.nbytes
-            copies.append((host, grad))
-        lr = self._step_lr()
-        hyper = self._constants(prepared.spec, lr)
-        if sources:
-            prepared.args = prepared.bindings.bind(sources)
-        flat.copy_to_hosts(copies, nbytes)
-        self._run_prepared(prepared, hyper)
-        return True
 
     # ------------------------------------------------------------------ artifacts
     def _bind_artifact(self, artifact):

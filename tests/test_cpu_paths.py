@@ -96,7 +96,7 @@ def test_cpu_runs_large_flat_steps_on_local_task(device, driver):
     """Device "cpu": a flat step over >= TASK_MIN_PARAMS parameters runs on the
     multi-threaded local-task driver over the same memory; "local-sync" forces the
     calling thread.  Both match the reference, and the variables read the updated memory."""
-    from ireeopt.runtime.optimizer import TASK_MIN_PARAMS
+    from ireeopt.runtime.groups import TASK_MIN_PARAMS
 
     rng = np.random.default_rng(3)
     shapes = [(TASK_MIN_PARAMS // 2,), (TASK_MIN_PARAMS // 2 + 7,), (3, 5)]
