@@ -7,8 +7,6 @@ bound where it lies; the others' gradients are copied into their group's staging
 call like a remembered one (same variables, same order, plain float arrays) takes a
 short path that checks and stages it in one pass.
 """
-from operator import itemgetter
-
 import numpy as np
 
 from ..kernels.step import VarSpec, size_of, slot_dtype
@@ -36,6 +34,8 @@ class GroupSteps:
             own = v.dtype == "float32" and 4 * size_of(v.shape) >= flat.IN_PLACE_MIN_BYTES
             groups.setdefault((v.dtype, excluded[i], i if own else None), []).append(i)
         self._groups = [(dtype, excl, members) for (dtype, excl, _), members in groups.items()]
+        # the groups that can take their gradient in place: group -> its variable
+        self._own_groups = {j: own for j, (_, _, own) in enumerate(groups) if own is not None}
         kinds = ["params", "grads"] + list(self._slot_names) + (["ema"] if self.use_ema else [])
         self._group_buffers = {k: [] for k in kinds}
         slots = {k: [None] * len(var_list) for k in self._slot_names}
@@ -58,10 +58,6 @@ class GroupSteps:
                         averages[i] = Variable._over(part, f"{var.name}/average", var.device)
                     else:
                         slots[kind][i] = Variable._over(part, f"{var.name}/{kind}", var.device)
-        # the groups that can take their gradient in place: group -> its variable
-        self._own_groups = {j: members[0] for j, (dtype, _, members) in enumerate(self._groups)
-                            if len(members) == 1 and dtype == "float32"
-                            and 4 * self._group_buffers["params"][j].shape[0] >= flat.IN_PLACE_MIN_BYTES}
         return slots, averages
 
     def _groups_apply(self, indices, buckets):
@@ -132,7 +128,7 @@ class GroupSteps:
         path sorts, groups and re-checks every pair).  Returns False, having changed
         nothing, for anything else (the general path then handles, or rejects, the call)."""
         try:
-            entry = self._repeat_steps.get(tuple(map(id, map(itemgetter(1), pairs))))
+            entry = self._repeat_steps.get(tuple(id(v) for _, v in pairs))
         except (TypeError, ValueError):
             return False
         if entry is None or entry[0] != self._structure_key():

@@ -182,6 +182,10 @@ def test_repeated_dense_steps_take_the_short_path_and_stay_exact():
         for v, expected in zip(variables, ref.p):
             np.testing.assert_allclose(v.numpy(), expected, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
     assert len(opt._repeat_steps) == 2 and opt.device_calls == 6 and opt.iterations == 6
+    before = [v.numpy() for v in variables]
+    with pytest.raises(TypeError, match="pairs"):            # not pairs: rejected, nothing changes
+        opt.apply_gradients([(g, v, None) for g, v in zip(grads, variables)])
+    assert all(np.array_equal(v.numpy(), b) for v, b in zip(variables, before)) and opt.iterations == 6
 
 
 def test_large_variables_of_a_model_take_their_gradients_in_place():
