@@ -1,5 +1,5 @@
 """Run iree-compile (the ``iree-base-compiler`` package) on StableHLO text."""
-from .targets import target_flags
+from .targets import step_flags, target_flags
 from .trace import lower_step
 
 
@@ -10,7 +10,8 @@ def compile_mlir(text, flags):
     return ic.compile_str(text, input_type="stablehlo", extra_args=list(flags))
 
 
-def compile_step(spec, target):
-    """``(vmfb bytes, stablehlo text)`` of the step described by ``spec``."""
+def compile_step(spec, target, runtime=False):
+    """``(vmfb bytes, stablehlo text)`` of the step described by ``spec``; ``runtime``: with
+    the flags of a step the runtime compiles for itself (``targets.step_flags``)."""
     text = lower_step(spec)
-    return compile_mlir(text, target_flags(target, spec)), text
+    return compile_mlir(text, (step_flags if runtime else target_flags)(target, spec)), text

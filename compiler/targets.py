@@ -43,6 +43,19 @@ DRIVERS = {"llvm-cpu": ("local-sync", "local-task"), "llvm-cpu:generic": ("local
 AGGRESSIVE_FUSION = "--iree-dispatch-creation-enable-aggressive-fusion"
 
 
+#: the runtime's own llvm-cpu steps (not artifacts, whose ABI stays synchronous) take a wait
+#: and a signal fence ("coarse-fences"): the call returns once the step is queued, and the
+#: runtime waits for the signal by sleeping instead of in IREE's wait, which spins the
+#: calling thread on a core the task workers need (runtime/module.py)
+FENCED = "--iree-execution-model=async-external"
+
+
+def step_flags(target, spec):
+    """The flags of a step the runtime compiles for itself (``target_flags`` plus, for
+    llvm-cpu, the fenced ABI)."""
+    return target_flags(target, spec) + ([FENCED] if target.startswith("llvm-cpu") else [])
+
+
 def target_flags(target, spec=None, text=None):
     """The exact iree-compile flags for ``target`` (and the step structure ``spec``; with
     ``spec=None``, for a module that may hold sparse steps).  ``text``: the StableHLO, when

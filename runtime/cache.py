@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 
-from ..compiler.targets import target_flags
+from ..compiler.targets import step_flags
 from .module import LoadedModule
 
 _memory = {}
@@ -58,7 +58,7 @@ def _static():
 
 
 def cache_key(spec, target):
-    key = {"spec": spec.to_json(), "target": target, "flags": target_flags(target, spec), **_static()}
+    key = {"spec": spec.to_json(), "target": target, "flags": step_flags(target, spec), **_static()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -114,7 +114,7 @@ def compile_vmfb(spec, target):
     what = f"{spec.optimizer} step for {len(spec.variables)} variable(s) ({target})"
     try:
         with _SlowNotice(what):
-            vmfb, _ = compile_step(spec, target)
+            vmfb, _ = compile_step(spec, target, runtime=True)
     except ImportError as e:
         raise RuntimeError(f"the {what} is not in the compile cache ({cache_dir()}) and cannot be compiled "
                            f"here: {e}. Install jax and iree-base-compiler, or use an artifact "

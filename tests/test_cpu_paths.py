@@ -232,3 +232,28 @@ def test_variable_gradients_are_read_where_they_lie():
         ref.step([g])
         np.testing.assert_array_equal(accumulated.numpy(), g)
     np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("sleeping", [False, True])
+def test_fenced_steps_return_when_done(monkeypatch, sleeping):
+    """The runtime's llvm-cpu steps are queued with a signal fence and waited for by the
+    runtime (runtime/module.py): by IREE's wait for a short step, by sleeping and polling
+    for a long one (forced here for every step); every step has finished when the call
+    returns, so the values read right after match the reference."""
+    from ireeopt.runtime import module
+
+    if sleeping:
+        monkeypatch.setattr(module, "SLEEP_FROM_S", 0.0)
+    rng, variables, opt, ref = _model(8, [(1 << 19,), (33,)])
+    opt.build(variables)
+    (prepared,) = opt._prepared.values()
+    assert prepared.module.fenced and prepared.module.loaded.device.driver == "local-task"
+    before = prepared.module._value          # (the module is shared by every optimizer of this structure)
+    for _ in range(4):
+        grads = [rng.standard_normal(v.shape).astype(np.float32) for v in variables]
+        opt.apply_gradients(zip(grads, variables))
+        assert prepared.module._semaphore.query() == prepared.module._value    # signalled: done
+        ref.step(grads)
+        for v, want in zip(variables, ref.p):
+            np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=v.name)
+    assert prepared.module._semaphore.query() == prepared.module._value == before + 4   # one signal per step
