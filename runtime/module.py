@@ -13,6 +13,7 @@ IREE's own wait spins the calling thread for much of the step, on a core the loc
 workers need: measured here, ~1 ms of the caller's CPU per 3 ms step at 2^22 parameters
 (0.1 ms with the sleeping wait) and 2.6 ms per 4 ms step of 200 x 2^22/200 (0.5 ms).
 """
+import threading
 import time
 
 import iree.runtime as rt
@@ -54,6 +55,7 @@ class StepModule:
             self._wait, self._signal = rt.HalFence(1), rt.HalFence(1)
             self._semaphore = loaded.device.hal_device.create_semaphore(0)
             self._value, self._expected = 0, 0.0
+            self._lock = threading.Lock()       # (the module, its fences and timeline are shared)
 
     def arguments(self, buffers):
         """A reusable VM argument list for ``buffers`` (DeviceBuffers, in ``spec.arguments()`` order)."""
@@ -71,19 +73,20 @@ class StepModule:
         if not self.fenced:
             self.context.invoke(self.function, args, results)
             return results
-        self._value += 1
-        self._signal.insert(self._semaphore, self._value)
-        start = time.perf_counter()
-        self.context.invoke(self.function, args, results)
-        if self._expected < SLEEP_FROM_S:
-            self._signal.wait()                 # IREE's wait: its spinning costs little on a short step
-        elif self._semaphore.query() < self._value:
-            rest = 0.8 * self._expected - (time.perf_counter() - start) - TIMER_SLACK_S
-            if rest > 0:
-                time.sleep(rest)
-            while self._semaphore.query() < self._value:
-                time.sleep(POLL_S)
-        self._expected = time.perf_counter() - start
+        with self._lock:
+            self._value += 1
+            self._signal.insert(self._semaphore, self._value)
+            start = time.perf_counter()
+            self.context.invoke(self.function, args, results)
+            if self._expected < SLEEP_FROM_S:
+                self._signal.wait()                 # IREE's wait: its spinning costs little on a short step
+            elif self._semaphore.query() < self._value:
+                rest = 0.8 * self._expected - (time.perf_counter() - start) - TIMER_SLACK_S
+                if rest > 0:
+                    time.sleep(rest)
+                while self._semaphore.query() < self._value:
+                    time.sleep(POLL_S)
+            self._expected = time.perf_counter() - start
         return results
 
     def result_buffers(self, results):
