@@ -78,15 +78,19 @@ class StepModule:
             self._signal.insert(self._semaphore, self._value)
             start = time.perf_counter()
             self.context.invoke(self.function, args, results)
+            overslept = False
             if self._expected < SLEEP_FROM_S:
                 self._signal.wait()                 # IREE's wait: its spinning costs little on a short step
             elif self._semaphore.query() < self._value:
                 rest = 0.8 * self._expected - (time.perf_counter() - start) - TIMER_SLACK_S
                 if rest > 0:
                     time.sleep(rest)
+                    overslept = self._semaphore.query() >= self._value
                 while self._semaphore.query() < self._value:
                     time.sleep(POLL_S)
-            self._expected = time.perf_counter() - start
+            # done before the sleep ended: the step got shorter (after a slow first one, say),
+            # and the time measured is the sleep's, so the next expectation is a quarter of it
+            self._expected = (time.perf_counter() - start) / (4 if overslept else 1)
         return results
 
     def result_buffers(self, results):

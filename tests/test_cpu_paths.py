@@ -257,3 +257,19 @@ def test_fenced_steps_return_when_done(monkeypatch, sleeping):
         for v, want in zip(variables, ref.p):
             np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=v.name)
     assert prepared.module._semaphore.query() == prepared.module._value == before + 4   # one signal per step
+
+
+def test_a_fenced_wait_that_overslept_expects_less_next_time():
+    """After a slow step (a first one, say) the sleeping wait would oversleep every later
+    step by its expectation; finding the step done when it wakes, it cuts the expectation to
+    a quarter, so it is back near the real duration within a few steps."""
+    rng, variables, opt, ref = _model(9, [(1 << 22,)])
+    opt.build(variables)
+    (prepared,) = opt._prepared.values()
+    prepared.module._expected = 0.2                        # 200 ms, for a step of a few ms
+    for _ in range(4):
+        grads = [rng.standard_normal(v.shape).astype(np.float32) for v in variables]
+        opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+    assert prepared.module._expected < 0.05                # (without the cut: ~80 ms)
+    np.testing.assert_allclose(variables[0].numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
