@@ -11,6 +11,8 @@ import warnings
 
 import numpy as np
 
+import iree.runtime as rt
+
 from ..kernels import ema as ema_kernel
 from ..kernels import schedules
 from ..kernels.step import StepSpec, VarSpec, slot_dtype
@@ -437,6 +439,8 @@ class Optimizer(GroupSteps, Training):
             if isinstance(grad, Variable):
                 # host-visible memory (CPU, lavapipe): read where it lies, no host copy first
                 value = grad._buffer.host if grad._buffer.host is not None else grad.numpy()
+            elif isinstance(grad, rt.DeviceArray):
+                value = grad.to_host()      # host-visible (the CPU drivers): a mapping, not a copy
             else:
                 value = np.asarray(grad)
             if not is_real(value.dtype):

@@ -273,3 +273,23 @@ def test_a_fenced_wait_that_overslept_expects_less_next_time():
         ref.step(grads)
     assert prepared.module._expected < 0.05                # (without the cut: ~80 ms)
     np.testing.assert_allclose(variables[0].numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
+
+
+def test_iree_array_gradients_are_read_where_they_lie():
+    """A gradient that is an IREE DeviceArray (of a CPU driver, host-visible) is mapped, not
+    copied to the host, and a large one is then bound where it lies like a numpy array."""
+    import iree.runtime as rt
+
+    from ireeopt.runtime.device import Device
+
+    rng, var, opt, ref = _one_variable(10)
+    device = Device.get("local-sync").hal_device
+    for _ in range(2):
+        g = rng.standard_normal(N).astype(np.float32)
+        array = rt.asdevicearray(device, g)
+        (checked, _), = opt._validate_pairs([(array, var)])
+        assert not checked.flags.owndata                          # a mapping of the device buffer
+        opt.apply_gradients([(array, var)])
+        ref.step([g])
+        assert _in_place(opt) == _where(checked)
+    np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
