@@ -18,10 +18,13 @@ import time
 
 import iree.runtime as rt
 
-#: a fenced step expected to take this long (s) or longer is waited for by sleeping (most
-#: of its expected duration, less the timer slack a sleep may add) and then polling every
-#: POLL_S; a shorter one by IREE's wait, whose latency is lower
+#: a fenced step expected to take this long (s) or longer is waited for by sleeping
+#: (SLEEP_FRACTION of its expected duration, less the timer slack a sleep may add) and then
+#: polling, POLL_S or ~1% of the time waited apart; a shorter one by IREE's wait, whose
+#: latency is lower
 SLEEP_FROM_S = 1e-3
+SLEEP_FRACTION = 0.85
+LATE_WAKE_S = 500e-6
 TIMER_SLACK_S = 100e-6
 POLL_S = 20e-6
 
@@ -82,15 +85,19 @@ class StepModule:
             if self._expected < SLEEP_FROM_S:
                 self._signal.wait()                 # IREE's wait: its spinning costs little on a short step
             elif self._semaphore.query() < self._value:
-                rest = 0.8 * self._expected - (time.perf_counter() - start) - TIMER_SLACK_S
+                planned = SLEEP_FRACTION * self._expected - TIMER_SLACK_S    # wake-up, from the start
+                rest = planned - (time.perf_counter() - start)
                 if rest > 0:
                     time.sleep(rest)
-                    overslept = self._semaphore.query() >= self._value
-                while self._semaphore.query() < self._value:
-                    time.sleep(POLL_S)
-            # done before the sleep ended: the step got shorter (after a slow first one, say),
-            # and the time measured is the sleep's, so the next expectation is a quarter of it
-            self._expected = (time.perf_counter() - start) / (4 if overslept else 1)
+                    # done at a wake-up on time: overslept; at a late one (the workers held
+                    # both cores until the step ended) it says nothing about the step
+                    on_time = time.perf_counter() - start < planned + TIMER_SLACK_S + LATE_WAKE_S
+                    overslept = on_time and self._semaphore.query() >= self._value
+                while self._semaphore.query() < self._value:   # polls ~1% of the time waited apart
+                    time.sleep(max(POLL_S, (time.perf_counter() - start) / 100))
+            # done before the sleep ended: the step may have got shorter (after a slow first
+            # one, say), and the time measured is the sleep's, so the next expectation is halved
+            self._expected = (time.perf_counter() - start) * (0.5 if overslept else 1.0)
         return results
 
     def result_buffers(self, results):

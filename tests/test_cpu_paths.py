@@ -261,8 +261,8 @@ def test_fenced_steps_return_when_done(monkeypatch, sleeping):
 
 def test_a_fenced_wait_that_overslept_expects_less_next_time():
     """After a slow step (a first one, say) the sleeping wait would oversleep every later
-    step by its expectation; finding the step done when it wakes, it cuts the expectation to
-    a quarter, so it is back near the real duration within a few steps."""
+    step by its expectation; finding the step done when it wakes on time, it halves the
+    expectation, so it is back near the real duration within a few steps."""
     rng, variables, opt, ref = _model(9, [(1 << 22,)])
     opt.build(variables)
     (prepared,) = opt._prepared.values()
