@@ -129,11 +129,10 @@ class StepSpec:
         return [args[i] for i in self.donated]
 
     def to_json(self):
-        d = {"optimizer": self.optimizer, "clip": self.clip, "amsgrad": self.amsgrad,
-             "use_ema": self.use_ema, "decay": list(self.decay),
-             "variables": [{"shape": list(v.shape), "dtype": v.dtype, "sparse": v.sparse}
-                           for v in self.variables]}
-        return d
+        return {"optimizer": self.optimizer, "clip": self.clip, "amsgrad": self.amsgrad,
+                "use_ema": self.use_ema, "decay": list(self.decay),
+                "variables": [{"shape": list(v.shape), "dtype": v.dtype, "sparse": v.sparse}
+                              for v in self.variables]}
 
     @classmethod
     def from_json(cls, d):

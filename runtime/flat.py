@@ -23,6 +23,7 @@ import numpy as np
 
 import iree.runtime as rt
 
+from ..kernels.step import size_of
 from .device import _ELEMENT_TYPES, numpy_dtype
 
 ALIGN = 64
@@ -81,7 +82,7 @@ def layout(shapes, dtype):
     offsets, total = [], 0
     for shape in shapes:
         offsets.append(-(-total // step) * step)
-        total = offsets[-1] + max(int(np.prod(shape, dtype=np.int64)), 1)
+        total = offsets[-1] + max(size_of(shape), 1)
     return offsets, total
 
 
@@ -91,7 +92,7 @@ def arena(device, shapes, dtype, layout_dtype=None):
     np_dtype = numpy_dtype(dtype)
     offsets, total = layout(shapes, layout_dtype or dtype)
     flat = _aligned_zeros(total * np_dtype.itemsize).view(np_dtype)
-    members = [ImportedBuffer(device, flat[o:o + int(np.prod(s, dtype=np.int64))].reshape(s), dtype)
+    members = [ImportedBuffer(device, flat[o:o + size_of(s)].reshape(s), dtype)
                for o, s in zip(offsets, shapes)]
     return ImportedBuffer(device, flat, dtype), members
 
@@ -120,7 +121,7 @@ def copy_in(pairs):
 
 
 def copy_to_hosts(pairs, nbytes):
-    """``np.copyto(host, array)`` (casting) for each ``(host array, array)``, the hosts adding
+    """``host[...] = array`` (casting) for each ``(host array, array)``, the hosts adding
     up to ``nbytes``: from PARALLEL_MIN_BYTES on, split into one contiguous share per core,
     copied concurrently (numpy releases the GIL while copying)."""
     if nbytes < PARALLEL_MIN_BYTES or _CORES < 2:
@@ -131,7 +132,7 @@ def copy_to_hosts(pairs, nbytes):
         if _splittable(dst, src):
             flat_pairs.append((dst.reshape(-1), src.reshape(-1)))
         else:
-            np.copyto(dst, src, casting="unsafe")
+            dst[...] = src
     total = sum(d.nbytes for d, _ in flat_pairs)
     share, parts, part, filled = -(-total // _CORES), [], [], 0
     for dst, src in flat_pairs:
@@ -171,7 +172,7 @@ def on_device(buffer, device):
 def host_buffer(device, shape, dtype):
     """A zero-filled ``ImportedBuffer`` of our own memory on ``device``."""
     np_dtype = numpy_dtype(dtype)
-    size = int(np.prod(shape, dtype=np.int64))
+    size = size_of(shape)
     return ImportedBuffer(device, _aligned_zeros(max(size, 1) * np_dtype.itemsize).view(np_dtype)[:size]
                           .reshape(shape), dtype)
 

@@ -293,3 +293,32 @@ def test_iree_array_gradients_are_read_where_they_lie():
         ref.step([g])
         assert _in_place(opt) == _where(checked)
     np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
+
+
+def test_gradient_imports_are_kept_by_address_and_do_not_keep_arrays_alive():
+    """A new array object over memory an earlier gradient used (as fresh gradients often
+    reuse freed memory) is bound through the import already made, and reads its current
+    contents; the optimizer does not keep a caller's gradient array alive."""
+    import gc
+    import weakref
+
+    rng, var, opt, ref = _one_variable(11)
+    backing = np.empty(N, np.float32)
+    imports = set()
+    for _ in range(3):
+        grad = backing[:]                                     # a new object, the same memory
+        grad[:] = rng.standard_normal(N)
+        opt.apply_gradients([(grad, var)])
+        ref.step([grad.copy()])
+        (prepared,) = opt._prepared.values()
+        imports.add(id(prepared.bindings.bound[0]))
+        assert _in_place(opt) == _where(backing)
+    assert len(imports) == 1                                  # one import, found by address
+    np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
+    lone = rng.standard_normal(N).astype(np.float32)
+    opt.apply_gradients([(lone, var)])
+    ref.step([lone])
+    alive = weakref.ref(lone)
+    del lone
+    gc.collect()
+    assert alive() is None
