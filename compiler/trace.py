@@ -6,13 +6,26 @@ def lower_step(spec):
 
     Donated arguments carry ``tf.aliasing_output``, which IREE turns into
     ``iree.abi.output``: the compiled step writes results into those buffers.
+
+    A spec whose variables are 1-D of unknown length (``VarSpec((None,), ...)``, see
+    ``kernels.step.dynamic_spec``) is exported with one symbolic length per variable
+    (``jax.export``): one compiled step then updates variables of any lengths.
     """
     import jax
     import jax.numpy as jnp
 
     from ..kernels.step import flat_step
 
-    structs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for _, _, shape, dtype in spec.arguments()]
+    arguments = spec.arguments()
     fn = jax.jit(flat_step(jnp, spec), donate_argnums=tuple(spec.donated), keep_unused=True)
-    text = fn.lower(*structs).as_text()
+    if not spec.dynamic:
+        structs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for _, _, shape, dtype in arguments]
+        text = fn.lower(*structs).as_text()
+        return text.replace("module @jit_fn", "module @ireeopt_step", 1)
+    from jax import export
+
+    lengths = export.symbolic_shape(",".join(f"n{i}" for i in range(len(spec.variables))))
+    structs = [jax.ShapeDtypeStruct((lengths[i],) if shape == (None,) else shape, jnp.dtype(dtype))
+               for _, i, shape, dtype in arguments]
+    text = export.export(fn)(*structs).mlir_module()
     return text.replace("module @jit_fn", "module @ireeopt_step", 1)

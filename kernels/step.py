@@ -82,6 +82,11 @@ class StepSpec:
                 raise TypeError(f"unsupported variable dtype {v.dtype}; supported: {SUPPORTED_DTYPES}")
 
     @property
+    def dynamic(self):
+        """Whether the variables are 1-D of lengths fixed only when it runs (``dynamic_spec``)."""
+        return any(v.shape == (None,) for v in self.variables)
+
+    @property
     def kernel(self):
         return OPTIMIZERS[self.optimizer]
 
@@ -142,6 +147,17 @@ class StepSpec:
 
     def digest(self):
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def dynamic_spec(spec, count):
+    """A spec like ``spec`` (its settings; its variables' decay, which must agree) over
+    ``count`` dense float32 1-D variables of any lengths: compiled once, it updates any such
+    variables, of any sizes (``lower_step`` exports it with symbolic lengths)."""
+    if len(set(spec.decay)) > 1:
+        raise ValueError("the variables of a dynamic step must agree on weight decay")
+    decay = spec.decay[0] if spec.decay else False
+    return StepSpec(spec.optimizer, (VarSpec((None,), "float32"),) * count, (decay,) * count, spec.clip,
+                    spec.amsgrad, spec.use_ema)
 
 
 def step(xp, spec, params, grads, slots, averages, scratch, hyper):

@@ -199,8 +199,8 @@ class GradientBindings:
 
     KEEP = 4
 
-    def __init__(self, module, buffers, arguments):
-        self.module, self.buffers = module, list(buffers)
+    def __init__(self, module, buffers, arguments, fences=None):
+        self.module, self.buffers, self.fences = module, list(buffers), fences
         self.arguments = arguments                # own group -> its gradient's argument index
         self.bound = dict.fromkeys(arguments)     # own group -> the import bound now, or None
         self._recent = {j: [] for j in arguments}  # own group -> [(weakref of an array, its import)]
@@ -236,7 +236,7 @@ class GradientBindings:
             for j, a in self.arguments.items():
                 if self.bound[j] is not None:
                     buffers[a] = self.bound[j]
-            args = self._lists[key] = self.module.arguments(buffers)
+            args = self._lists[key] = self.module.arguments(buffers, self.fences)
             if len(self._lists) > self.KEEP:
                 del self._lists[next(iter(self._lists))]
         return args
@@ -244,3 +244,19 @@ class GradientBindings:
     def _import(self, address, nbytes):
         region = (ctypes.c_char * nbytes).from_address(address)
         return ImportedBuffer(self.module.loaded.device, np.frombuffer(region, np.float32), "float32")
+
+
+class ChainBindings:
+    """``GradientBindings`` for a ``StepChain``: one per call (a call without own groups has
+    none to bind); ``bind`` returns the argument list of every call."""
+
+    def __init__(self, calls):
+        self.calls = calls
+        self.arguments = {j: a for b in calls for j, a in b.arguments.items()}
+
+    @property
+    def bound(self):
+        return {j: found for b in self.calls for j, found in b.bound.items()}
+
+    def bind(self, sources):
+        return [b.bind({j: sources[j] for j in b.arguments}) for b in self.calls]

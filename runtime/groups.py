@@ -9,15 +9,24 @@ short path that checks and stages it in one pass.
 """
 import numpy as np
 
-from ..kernels.step import VarSpec, size_of, slot_dtype
+from ..kernels.step import VarSpec, dynamic_spec, size_of, slot_dtype
+from .cache import step_module
 from .device import Device
 from . import flat
+from .module import StepChain
 from .variable import Variable
 
 #: on device "cpu", a flat step over at least this many parameters runs on IREE's
 #: multi-threaded local-task driver (over the same memory), a smaller one on local-sync
 #: (the calling thread: no worker wake-up); "local-sync"/"local-task" force one
 TASK_MIN_PARAMS = 1 << 19
+#: a step with more own groups than this updates them by calls of steps compiled for
+#: 1-D variables of any length (``kernels.step.dynamic_spec``), CHAIN_WIDTH groups a call
+#: (fewer in the last: 4, 2, 1), chained after the step of the other groups; fewer own
+#: groups are dispatches of that step.  Each dispatch costs ~40 ms of compile time (200
+#: tensors of 84 KB: ~10 s), a call ~10-20 us of the caller's time per step
+CHAIN_MIN_GROUPS = 8
+CHAIN_WIDTH = 8
 
 
 class GroupSteps:
@@ -68,23 +77,75 @@ class GroupSteps:
 
     def _prepare_groups(self, indices):
         """The ``_PreparedStep`` that updates every variable through the group buffers (its
-        own groups' gradients bound per step: ``flat.GradientBindings``)."""
+        own groups' gradients bound per step: ``flat.GradientBindings``); with more than
+        CHAIN_MIN_GROUPS own groups (and no clipping by the global norm, which needs every
+        gradient before any update), a ``_prepare_chain`` one."""
         key = ("groups",) + self._structure_key()
         if key not in self._prepared:
-            spec = self._structure([VarSpec(g.shape, dtype) for g, (dtype, _, _) in
-                                    zip(self._group_buffers["params"], self._groups)],
-                                   [not excl for _, excl, _ in self._groups])
-            device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
-            buffers = [self._hyper_buffer if kind == "hyper" else self._group_buffers[kind][j]
-                       for kind, j, _, _ in spec.arguments()]
-            buffers = [flat.on_device(b, device) for b in buffers]
-            prepared = self._prepared_step(spec, buffers, [self._grad_buffers[(i, None)] for i in indices], device)
-            if self._own_groups and prepared.module is not None:
-                prepared.bindings = flat.GradientBindings(
-                    prepared.module, buffers, {j: a for a, (kind, j, _, _) in enumerate(spec.arguments())
-                                               if kind == "grads" and j in self._own_groups})
+            chain = (self.jit_compile and len(self._own_groups) > CHAIN_MIN_GROUPS
+                     and self._clip()[0] != "global_clipnorm")
+            prepared = self._prepare_chain(indices) if chain else self._prepare_group_step(indices)
             self._prepared[key] = prepared
         return self._prepared[key]
+
+    def _group_spec(self, groups):
+        return self._structure([VarSpec(self._group_buffers["params"][j].shape, self._groups[j][0]) for j in groups],
+                               [not self._groups[j][1] for j in groups])
+
+    def _call_buffers(self, spec, groups, device):
+        """The buffers of a step over ``groups`` (``spec``'s variable ``k`` is ``groups[k]``)."""
+        return [flat.on_device(self._hyper_buffer if kind == "hyper" else self._group_buffers[kind][groups[k]], device)
+                for kind, k, _, _ in spec.arguments()]
+
+    @staticmethod
+    def _own_arguments(spec, groups, own):
+        """{own group: the argument index of its gradient} in a step over ``groups``."""
+        return {groups[k]: a for a, (kind, k, _, _) in enumerate(spec.arguments())
+                if kind == "grads" and groups[k] in own}
+
+    def _prepare_group_step(self, indices):
+        """One compiled step over all groups, one dispatch each."""
+        groups = list(range(len(self._groups)))
+        spec = self._group_spec(groups)
+        device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
+        buffers = self._call_buffers(spec, groups, device)
+        prepared = self._prepared_step(spec, buffers, [self._grad_buffers[(i, None)] for i in indices], device)
+        if self._own_groups and prepared.module is not None:
+            prepared.bindings = flat.GradientBindings(prepared.module, buffers,
+                                                      self._own_arguments(spec, groups, self._own_groups))
+        return prepared
+
+    def _prepare_chain(self, indices):
+        """The other groups' step (if any), then the own groups, CHAIN_WIDTH (or 4, 2, 1) a
+        call of a step compiled for 1-D float32 variables of any length, as one
+        ``StepChain``; ``prepared.args`` is the argument list of each call."""
+        device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
+        calls = []                  # (spec, groups)
+        others = [j for j in range(len(self._groups)) if j not in self._own_groups]
+        if others:
+            calls.append((self._group_spec(others), others))
+        by_decay = {}
+        for j in self._own_groups:
+            by_decay.setdefault(self._groups[j][1], []).append(j)
+        for own in by_decay.values():
+            start = 0
+            for width in [CHAIN_WIDTH] * (len(own) // CHAIN_WIDTH) + [w for w in (4, 2, 1) if len(own) % CHAIN_WIDTH & w]:
+                groups = own[start:start + width]
+                calls.append((dynamic_spec(self._group_spec(groups), width), groups))
+                start += width
+        chain, bindings, buffer_lists = StepChain(device), [], []
+        for spec, groups in calls:
+            module = step_module(spec, device)
+            buffers = self._call_buffers(spec, groups, device)
+            bindings.append(flat.GradientBindings(module, buffers, self._own_arguments(spec, groups, self._own_groups),
+                                                  chain.add(module)))
+            buffer_lists.append(buffers)
+        from .optimizer import _PreparedStep
+
+        prepared = _PreparedStep(calls[0][0], chain, None, buffer_lists, [self._grad_buffers[(i, None)] for i in indices])
+        prepared.bindings = flat.ChainBindings(bindings)
+        prepared.args = prepared.bindings.bind(dict.fromkeys(self._own_groups))
+        return prepared
 
     def _group_step_device(self, params):
         """The device a flat step over ``params`` parameters runs on (see TASK_MIN_PARAMS)."""

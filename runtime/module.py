@@ -41,6 +41,36 @@ class LoadedModule:
         return StepModule(self, name, spec, n_results)
 
 
+class _Timeline:
+    """A semaphore the fenced calls of one module (or one chain of calls) signal in turn,
+    and the wait for its latest value (see the module docstring)."""
+
+    def __init__(self, device):
+        self.semaphore = device.hal_device.create_semaphore(0)
+        self.value, self._expected = 0, 0.0
+        self.lock = threading.Lock()        # (a module, its fences and timeline are shared)
+
+    def wait(self, start, fence):
+        """Wait until ``fence`` (at ``self.value``) is signalled by work queued at ``start``."""
+        overslept = False
+        if self._expected < SLEEP_FROM_S:
+            fence.wait()                    # IREE's wait: its spinning costs little on a short step
+        elif self.semaphore.query() < self.value:
+            planned = SLEEP_FRACTION * self._expected - TIMER_SLACK_S    # wake-up, from the start
+            rest = planned - (time.perf_counter() - start)
+            if rest > 0:
+                time.sleep(rest)
+                # done at a wake-up on time: overslept; at a late one (the workers held
+                # both cores until the step ended) it says nothing about the step
+                on_time = time.perf_counter() - start < planned + TIMER_SLACK_S + LATE_WAKE_S
+                overslept = on_time and self.semaphore.query() >= self.value
+            while self.semaphore.query() < self.value:   # polls ~1% of the time waited apart
+                time.sleep(max(POLL_S, (time.perf_counter() - start) / 100))
+        # done before the sleep ended: the step may have got shorter (after a slow first
+        # one, say), and the time measured is the sleep's, so the next expectation is halved
+        self._expected = (time.perf_counter() - start) * (0.5 if overslept else 1.0)
+
+
 class StepModule:
     """One exported function (``name``) of a loaded module, for structure ``spec`` (a
     ``StepSpec`` or ``TrainSpec``: its results are its ``donated`` arguments), or with
@@ -56,18 +86,17 @@ class StepModule:
         self.fenced = self.function.reflection.get("iree.abi.model") == "coarse-fences"
         if self.fenced:         # one (empty, so met) wait fence; the signal fence moves along a timeline
             self._wait, self._signal = rt.HalFence(1), rt.HalFence(1)
-            self._semaphore = loaded.device.hal_device.create_semaphore(0)
-            self._value, self._expected = 0, 0.0
-            self._lock = threading.Lock()       # (the module, its fences and timeline are shared)
+            self._timeline = _Timeline(loaded.device)
 
-    def arguments(self, buffers):
-        """A reusable VM argument list for ``buffers`` (DeviceBuffers, in ``spec.arguments()`` order)."""
+    def arguments(self, buffers, fences=None):
+        """A reusable VM argument list for ``buffers`` (DeviceBuffers, in ``spec.arguments()``
+        order); a fenced step's fences are its own, or ``fences`` (wait, signal: in a ``StepChain``)."""
         args = rt.VmVariantList(len(buffers) + 2 * self.fenced)
         for b in buffers:
             args.push_ref(b.view)
         if self.fenced:
-            args.push_ref(self._wait)
-            args.push_ref(self._signal)
+            for fence in fences or (self._wait, self._signal):
+                args.push_ref(fence)
         return args
 
     def __call__(self, args):
@@ -76,29 +105,56 @@ class StepModule:
         if not self.fenced:
             self.context.invoke(self.function, args, results)
             return results
-        with self._lock:
-            self._value += 1
-            self._signal.insert(self._semaphore, self._value)
+        timeline = self._timeline
+        with timeline.lock:
+            timeline.value += 1
+            self._signal.insert(timeline.semaphore, timeline.value)
             start = time.perf_counter()
             self.context.invoke(self.function, args, results)
-            overslept = False
-            if self._expected < SLEEP_FROM_S:
-                self._signal.wait()                 # IREE's wait: its spinning costs little on a short step
-            elif self._semaphore.query() < self._value:
-                planned = SLEEP_FRACTION * self._expected - TIMER_SLACK_S    # wake-up, from the start
-                rest = planned - (time.perf_counter() - start)
-                if rest > 0:
-                    time.sleep(rest)
-                    # done at a wake-up on time: overslept; at a late one (the workers held
-                    # both cores until the step ended) it says nothing about the step
-                    on_time = time.perf_counter() - start < planned + TIMER_SLACK_S + LATE_WAKE_S
-                    overslept = on_time and self._semaphore.query() >= self._value
-                while self._semaphore.query() < self._value:   # polls ~1% of the time waited apart
-                    time.sleep(max(POLL_S, (time.perf_counter() - start) / 100))
-            # done before the sleep ended: the step may have got shorter (after a slow first
-            # one, say), and the time measured is the sleep's, so the next expectation is halved
-            self._expected = (time.perf_counter() - start) * (0.5 if overslept else 1.0)
+            timeline.wait(start, self._signal)
         return results
 
     def result_buffers(self, results):
         return [results.get_as_object(i, rt.HalBufferView).get_buffer() for i in range(self.n_results)]
+
+    def in_place(self, results, buffers):
+        """Whether the step wrote its results into its donated ``buffers``."""
+        return self.result_buffers(results) == [buffers[i].buffer for i in self.spec.donated]
+
+
+class StepChain:
+    """Fenced steps (``StepModule``s of one device) run one after another as one step: each
+    call waits on the previous one's signal, all are queued before the caller waits, once,
+    for the last (so the workers go from one to the next without the caller in between)."""
+
+    def __init__(self, device):
+        self._timeline = _Timeline(device)
+        self.calls = []                     # (StepModule, (wait fence, signal fence))
+
+    def add(self, module):
+        """Append a call of ``module``; returns the fences its argument lists must pass
+        (``StepModule.arguments(buffers, fences)``)."""
+        if not module.fenced:
+            raise ValueError("only fenced steps can be chained")
+        fences = (rt.HalFence(1), rt.HalFence(1))
+        self.calls.append((module, fences))
+        return fences
+
+    def __call__(self, arg_lists):
+        """Run every call (``arg_lists``: one argument list per call) and return once all
+        are done (their result lists)."""
+        timeline, out = self._timeline, []
+        with timeline.lock:
+            start = time.perf_counter()
+            for (module, (wait, signal)), args in zip(self.calls, arg_lists):
+                wait.insert(timeline.semaphore, timeline.value)       # (the value only grows)
+                timeline.value += 1
+                signal.insert(timeline.semaphore, timeline.value)
+                results = rt.VmVariantList(module.n_results)
+                module.context.invoke(module.function, args, results)
+                out.append(results)
+            timeline.wait(start, signal)
+        return out
+
+    def in_place(self, results, buffer_lists):
+        return all(module.in_place(r, b) for (module, _), r, b in zip(self.calls, results, buffer_lists))

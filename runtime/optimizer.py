@@ -61,7 +61,7 @@ class _PreparedStep:
         self.spec, self.module, self.args = spec, module, args
         self.buffers, self.grad_buffers = buffers, grad_buffers
         self.verified = False
-        self.bindings = None           # group steps with own groups: flat.GradientBindings
+        self.bindings = None           # group steps with own groups: flat.GradientBindings/ChainBindings
 
 
 class Optimizer(GroupSteps, Training):
@@ -549,8 +549,7 @@ class Optimizer(GroupSteps, Training):
         return lambda k: size
 
     def _verify_in_place(self, prepared, results):
-        state = [prepared.buffers[i].buffer for i in prepared.spec.donated]
-        if prepared.module.result_buffers(results) != state:
+        if not prepared.module.in_place(results, prepared.buffers):
             raise RuntimeError("the compiled step did not update its state in place; this IREE build does "
                                "not honour buffer donation (please report it)")
 

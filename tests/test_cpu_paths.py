@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import ireeopt
+from ireeopt.kernels.step import size_of
 from ireeopt.runtime import flat
 
 from .reference import Reference
@@ -248,15 +249,15 @@ def test_fenced_steps_return_when_done(monkeypatch, sleeping):
     opt.build(variables)
     (prepared,) = opt._prepared.values()
     assert prepared.module.fenced and prepared.module.loaded.device.driver == "local-task"
-    before = prepared.module._value          # (the module is shared by every optimizer of this structure)
+    before = prepared.module._timeline.value          # (the module is shared by every optimizer of this structure)
     for _ in range(4):
         grads = [rng.standard_normal(v.shape).astype(np.float32) for v in variables]
         opt.apply_gradients(zip(grads, variables))
-        assert prepared.module._semaphore.query() == prepared.module._value    # signalled: done
+        assert prepared.module._timeline.semaphore.query() == prepared.module._timeline.value    # signalled: done
         ref.step(grads)
         for v, want in zip(variables, ref.p):
             np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=v.name)
-    assert prepared.module._semaphore.query() == prepared.module._value == before + 4   # one signal per step
+    assert prepared.module._timeline.semaphore.query() == prepared.module._timeline.value == before + 4   # one signal per step
 
 
 def test_a_fenced_wait_that_overslept_expects_less_next_time():
@@ -266,12 +267,12 @@ def test_a_fenced_wait_that_overslept_expects_less_next_time():
     rng, variables, opt, ref = _model(9, [(1 << 22,)])
     opt.build(variables)
     (prepared,) = opt._prepared.values()
-    prepared.module._expected = 0.2                        # 200 ms, for a step of a few ms
+    prepared.module._timeline._expected = 0.2                        # 200 ms, for a step of a few ms
     for _ in range(4):
         grads = [rng.standard_normal(v.shape).astype(np.float32) for v in variables]
         opt.apply_gradients(zip(grads, variables))
         ref.step(grads)
-    assert prepared.module._expected < 0.05                # (without the cut: ~80 ms)
+    assert prepared.module._timeline._expected < 0.05                # (without the cut: ~80 ms)
     np.testing.assert_allclose(variables[0].numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
 
 
@@ -322,3 +323,60 @@ def test_gradient_imports_are_kept_by_address_and_do_not_keep_arrays_alive():
     del lone
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("kwargs", [{"weight_decay": 0.1}, {"clipvalue": 0.01, "amsgrad": True},
+                                    {"use_ema": True, "ema_overwrite_frequency": 2}])
+def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwargs):
+    """With more than CHAIN_MIN_GROUPS large variables, they are updated CHAIN_WIDTH a call
+    (then 4, 2, 1) by steps compiled for 1-D variables of any length, chained after the
+    small variables' step (runtime/groups.py): the values match the reference, every
+    gradient is read where it lies and nothing next to it, each weight-decay setting gets
+    calls of its own, and the chain signals once per call."""
+    from ireeopt.runtime import groups
+
+    sizes = [N + 3 * k for k in range(12)]          # 12 own groups, of 12 different lengths
+    shapes = [(s,) for s in sizes] + [(7, 3), (300,)]
+    rng, variables, opt, _ = _model(11, shapes)
+    init = [v.numpy() for v in variables]
+    opt = ireeopt.AdamW(learning_rate=0.01, **kwargs) if "weight_decay" in kwargs else \
+        ireeopt.Adam(learning_rate=0.01, **kwargs)
+    ref = Reference("adamw" if "weight_decay" in kwargs else "adam", init, [v.name for v in variables],
+                    learning_rate=0.01, exclude_names=("w3",), **kwargs)
+    opt.exclude_from_weight_decay(var_names=["w3"])
+    for step in range(4):
+        grads, backings = [], []
+        for k, s in enumerate(shapes):
+            backing, g = _poisoned(rng.standard_normal(size_of(s)).astype(np.float32), k + step)
+            grads.append(g.reshape(s))
+            backings.append((backing, backing.copy()))
+        opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+        assert _in_place(opt) == _where(*grads[:12])
+        for backing, before in backings:
+            np.testing.assert_array_equal(backing, before)
+        for v, want in zip(variables, ref.p):
+            np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
+    (prepared,) = opt._prepared.values()
+    chain = prepared.module
+    widths = [len(module.spec.variables) for module, _ in chain.calls]
+    # the small variables' step (one group), then the other large ones (8, 2, 1) and,
+    # excluded from weight decay, w3
+    assert widths == [1, 8, 2, 1, 1], widths
+    assert all(module.spec.dynamic for module, _ in chain.calls[1:]) and not chain.calls[0][0].spec.dynamic
+    assert chain._timeline.semaphore.query() == chain._timeline.value == 4 * len(widths)
+    assert groups.CHAIN_MIN_GROUPS < 12 and groups.CHAIN_WIDTH == 8
+
+
+def test_length_generic_steps_are_shared_by_models_of_other_sizes():
+    """The chain's steps depend on the optimizer's settings and the number of variables a
+    call, not on their lengths: a model of other sizes reuses the compiled steps."""
+    def chain_modules(sizes):
+        _, variables, opt, _ = _model(12, [(s,) for s in sizes])
+        opt.build(variables)
+        (prepared,) = opt._prepared.values()
+        return [module for module, _ in prepared.module.calls]
+
+    first = chain_modules([N + k for k in range(9)])
+    second = chain_modules([2 * N + 5 * k for k in range(9)])
+    assert [len(m.spec.variables) for m in first] == [8, 1] and all(a is b for a, b in zip(first, second))
