@@ -30,8 +30,9 @@ ALIGN = 64
 DRIVERS = ("local-sync", "local-task")
 #: a float32 variable this large (bytes) has a group (and a dispatch) of its own, whose
 #: gradient is passed in place rather than copied.  Measured here: an import costs ~5 us,
-#: a copy of 64 KiB ~5-10 us (11 ms at 64 MiB), each dispatch ~40 ms of compile time
-#: (200 tensors of 84 KB: 4.7 ms per step in place, 7.0 ms copied into one group)
+#: a copy of 64 KiB ~5-10 us (11 ms at 64 MiB) (200 tensors of 84 KB: 4.7 ms per step in
+#: place, 7.0 ms copied into one group); many own groups are updated by a chain of steps
+#: of any length (runtime/groups.py), not one dispatch each (~40 ms of compile time each)
 IN_PLACE_MIN_BYTES = 1 << 16
 
 

@@ -3,7 +3,10 @@
 Every variable lives in a group arena; a step that gives every variable a dense gradient
 (and clips no variable by its own norm) updates all groups with one compiled call, one
 dispatch per group.  A large float32 variable has a group of its own, whose gradient is
-bound where it lies; the others' gradients are copied into their group's staging.  A
+bound where it lies; the others' gradients are copied into their group's staging.  With
+more than CHAIN_MIN_GROUPS such own groups the step is a chain instead: the other groups'
+step, then calls of steps compiled for 1-D variables of any length, CHAIN_WIDTH own groups
+a call (one dispatch per variable costs compile time, not step time).  A
 call like a remembered one (same variables, same order, plain float arrays) takes a
 short path that checks and stages it in one pass.
 """

@@ -169,8 +169,9 @@ class Optimizer(GroupSteps, Training):
     # ------------------------------------------------------------------ iterations & variables
     @property
     def device_calls(self):
-        """How many compiled-module invocations this optimizer has made: one per
-        ``apply_gradients``, ``minimize`` or ``compute_gradients`` (``jit_compile=False``
+        """How many compiled steps this optimizer has run on the device: one per
+        ``apply_gradients``, ``minimize`` or ``compute_gradients`` (a chain of calls queued
+        together, for models of many large variables, counts once; ``jit_compile=False``
         makes none)."""
         return self._device_calls
 
