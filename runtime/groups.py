@@ -16,7 +16,7 @@ from ..kernels.step import VarSpec, dynamic_spec, size_of, slot_dtype
 from .cache import step_module
 from .device import Device
 from . import flat
-from .module import StepChain
+from .module import PreparedStep, StepChain
 from .variable import Variable
 
 #: on device "cpu", a flat step over at least this many parameters runs on IREE's
@@ -79,7 +79,7 @@ class GroupSteps:
                 and all(b is None for b in buckets) and self._clip()[0] != "clipnorm")
 
     def _prepare_groups(self, indices):
-        """The ``_PreparedStep`` that updates every variable through the group buffers (its
+        """The ``PreparedStep`` that updates every variable through the group buffers (its
         own groups' gradients bound per step: ``flat.GradientBindings``); with more than
         CHAIN_MIN_GROUPS own groups (and no clipping by the global norm, which needs every
         gradient before any update), a ``_prepare_chain`` one."""
@@ -132,7 +132,9 @@ class GroupSteps:
             by_decay.setdefault(self._groups[j][1], []).append(j)
         for own in by_decay.values():
             start = 0
-            for width in [CHAIN_WIDTH] * (len(own) // CHAIN_WIDTH) + [w for w in (4, 2, 1) if len(own) % CHAIN_WIDTH & w]:
+            rest = len(own) % CHAIN_WIDTH           # as calls of its binary digits: 4, 2, 1
+            for width in [CHAIN_WIDTH] * (len(own) // CHAIN_WIDTH) + [1 << b for b in
+                                                                      reversed(range(rest.bit_length())) if rest >> b & 1]:
                 groups = own[start:start + width]
                 calls.append((dynamic_spec(self._group_spec(groups), width), groups))
                 start += width
@@ -143,9 +145,7 @@ class GroupSteps:
             bindings.append(flat.GradientBindings(module, buffers, self._own_arguments(spec, groups, self._own_groups),
                                                   chain.add(module)))
             buffer_lists.append(buffers)
-        from .optimizer import _PreparedStep
-
-        prepared = _PreparedStep(calls[0][0], chain, None, buffer_lists, [self._grad_buffers[(i, None)] for i in indices])
+        prepared = PreparedStep(calls[0][0], chain, None, buffer_lists, [self._grad_buffers[(i, None)] for i in indices])
         prepared.bindings = flat.ChainBindings(bindings)
         prepared.args = prepared.bindings.bind(dict.fromkeys(self._own_groups))
         return prepared

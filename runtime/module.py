@@ -44,6 +44,18 @@ class LoadedModule:
         return StepModule(self, name, spec, n_results)
 
 
+class PreparedStep:
+    """Everything one structure of step needs, made once: the module, its VM argument
+    list over persistent buffers, and the gradient staging buffers to fill each step.  The
+    module may be a ``StepChain``: ``args`` and ``buffers`` then hold one list per call."""
+
+    def __init__(self, spec, module, args, buffers, grad_buffers):
+        self.spec, self.module, self.args = spec, module, args
+        self.buffers, self.grad_buffers = buffers, grad_buffers
+        self.verified = False
+        self.bindings = None           # group steps with own groups: flat.GradientBindings/ChainBindings
+
+
 class _Timeline:
     """A semaphore the fenced calls of one module (or one chain of calls) signal in turn,
     and the wait for its latest value (see the module docstring)."""

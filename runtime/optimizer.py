@@ -20,6 +20,7 @@ from .cache import step_module
 from .device import is_real, numpy_dtype
 from . import flat, sparse
 from .groups import GroupSteps
+from .module import PreparedStep
 from .train import Training
 from .variable import Variable
 
@@ -51,17 +52,6 @@ class _IterationVariable:
 
     def assign(self, value):
         self._optimizer.iterations = value
-
-
-class _PreparedStep:
-    """Everything one structure of step needs, made once: the module, its VM argument
-    list over persistent buffers, and the gradient staging buffers to fill each step."""
-
-    def __init__(self, spec, module, args, buffers, grad_buffers):
-        self.spec, self.module, self.args = spec, module, args
-        self.buffers, self.grad_buffers = buffers, grad_buffers
-        self.verified = False
-        self.bindings = None           # group steps with own groups: flat.GradientBindings/ChainBindings
 
 
 class Optimizer(GroupSteps, Training):
@@ -307,7 +297,7 @@ class Optimizer(GroupSteps, Training):
                 raise
 
     def _prepared_step(self, spec, buffers, grad_buffers, device=None):
-        """A ``_PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,
+        """A ``PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,
         or none for ``jit_compile=False``) on ``device`` (default the optimizer's) and the VM
         argument list made once."""
         if self._artifact is not None:
@@ -315,7 +305,7 @@ class Optimizer(GroupSteps, Training):
         else:
             module = step_module(spec, device or self._device) if self.jit_compile else None
         args = module.arguments(buffers) if module else None
-        return _PreparedStep(spec, module, args, buffers, grad_buffers)
+        return PreparedStep(spec, module, args, buffers, grad_buffers)
 
     # ------------------------------------------------------------------ structure and constants
     def _clip(self):
@@ -381,7 +371,7 @@ class Optimizer(GroupSteps, Training):
         return self._scratch_buffers[i]
 
     def _prepare(self, indices, buckets):
-        """The ``_PreparedStep`` updating ``indices`` (with sparse ``buckets``, None for dense).
+        """The ``PreparedStep`` updating ``indices`` (with sparse ``buckets``, None for dense).
         Looked up by a cheap key of everything ``_spec_for`` reads that can change after build."""
         key = (indices, buckets) + self._structure_key()
         if key not in self._prepared:
