@@ -16,16 +16,15 @@ def lower_step(spec):
 
     from ..kernels.step import flat_step
 
-    arguments = spec.arguments()
     fn = jax.jit(flat_step(jnp, spec), donate_argnums=tuple(spec.donated), keep_unused=True)
-    if not spec.dynamic:
-        structs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for _, _, shape, dtype in arguments]
-        text = fn.lower(*structs).as_text()
-        return text.replace("module @jit_fn", "module @ireeopt_step", 1)
-    from jax import export
+    if spec.dynamic:
+        from jax import export
 
-    lengths = export.symbolic_shape(",".join(f"n{i}" for i in range(len(spec.variables))))
-    structs = [jax.ShapeDtypeStruct((lengths[i],) if shape == (None,) else shape, jnp.dtype(dtype))
-               for _, i, shape, dtype in arguments]
-    text = export.export(fn)(*structs).mlir_module()
+        lengths = export.symbolic_shape(",".join(f"n{i}" for i in range(len(spec.variables))))
+        structs = [jax.ShapeDtypeStruct((lengths[i],) if shape == (None,) else shape, jnp.dtype(dtype))
+                   for _, i, shape, dtype in spec.arguments()]
+        text = export.export(fn)(*structs).mlir_module()
+    else:
+        structs = [jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for _, _, shape, dtype in spec.arguments()]
+        text = fn.lower(*structs).as_text()
     return text.replace("module @jit_fn", "module @ireeopt_step", 1)
