@@ -166,7 +166,8 @@ class StepChain:
                 timeline.value += 1
                 signal.insert(timeline.semaphore, timeline.value)
                 results = rt.VmVariantList(module.n_results)
-                module.context.invoke(module.function, args, results)
+                with module._timeline.lock:     # (a module's context is shared: one invoke at a time)
+                    module.context.invoke(module.function, args, results)
                 out.append(results)
             timeline.wait(start, signal)
         return out

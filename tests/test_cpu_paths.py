@@ -380,3 +380,35 @@ def test_length_generic_steps_are_shared_by_models_of_other_sizes():
     first = chain_modules([N + k for k in range(9)])
     second = chain_modules([2 * N + 5 * k for k in range(9)])
     assert [len(m.spec.variables) for m in first] == [8, 1] and all(a is b for a, b in zip(first, second))
+
+
+def test_chains_sharing_compiled_steps_run_from_two_threads():
+    """Two optimizers of the same structure share the chain's compiled steps (and their VM
+    contexts); stepping both at once from two threads gives each its reference values."""
+    import threading
+
+    runs = []
+    for seed in (13, 14):
+        rng, variables, opt, ref = _model(seed, [(N + k,) for k in range(9)])
+        opt.build(variables)
+        runs.append((rng, variables, opt, ref, [[rng.standard_normal(v.shape).astype(np.float32)
+                                                  for v in variables] for _ in range(6)]))
+    first, second = ([m for m, _ in r[2]._prepared[next(iter(r[2]._prepared))].module.calls] for r in runs)
+    assert all(a is b for a, b in zip(first, second))
+
+    def train(run):
+        _, variables, opt, _, steps = run
+        for grads in steps:
+            opt.apply_gradients(zip(grads, variables))
+
+    threads = [threading.Thread(target=train, args=(run,)) for run in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for _, variables, opt, ref, steps in runs:
+        for grads in steps:
+            ref.step(grads)
+        assert opt.iterations == 6
+        for v, want in zip(variables, ref.p):
+            np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=v.name)
