@@ -74,20 +74,24 @@ class GroupSteps:
 
     def _groups_apply(self, indices, buckets):
         """Whether this step can run as one flat step over the groups: every variable gets a
-        dense gradient, and no clipping by each variable's own norm."""
+        dense gradient, and no clipping by each variable's own norm (but in a chain)."""
         return (self._groups is not None and self._artifact is None and len(indices) == len(self._index)
-                and all(b is None for b in buckets) and self._clip()[0] != "clipnorm")
+                and all(b is None for b in buckets) and (self._clip()[0] != "clipnorm" or self._chained()))
+
+    def _chained(self):
+        """Whether the group step is a chain (``_prepare_chain``): more than CHAIN_MIN_GROUPS
+        own groups, and no clipping by the global norm (it needs every gradient before any
+        update)."""
+        return (self.jit_compile and len(self._own_groups) > CHAIN_MIN_GROUPS
+                and self._clip()[0] != "global_clipnorm")
 
     def _prepare_groups(self, indices):
         """The ``PreparedStep`` that updates every variable through the group buffers (its
-        own groups' gradients bound per step: ``flat.GradientBindings``); with more than
-        CHAIN_MIN_GROUPS own groups (and no clipping by the global norm, which needs every
-        gradient before any update), a ``_prepare_chain`` one."""
+        own groups' gradients bound per step: ``flat.GradientBindings``), or a
+        ``_prepare_chain`` one (``_chained``)."""
         key = ("groups",) + self._structure_key()
         if key not in self._prepared:
-            chain = (self.jit_compile and len(self._own_groups) > CHAIN_MIN_GROUPS
-                     and self._clip()[0] != "global_clipnorm")
-            prepared = self._prepare_chain(indices) if chain else self._prepare_group_step(indices)
+            prepared = self._prepare_chain(indices) if self._chained() else self._prepare_group_step(indices)
             self._prepared[key] = prepared
         return self._prepared[key]
 
@@ -121,31 +125,40 @@ class GroupSteps:
     def _prepare_chain(self, indices):
         """The other groups' step (if any), then the own groups, CHAIN_WIDTH (or 4, 2, 1) a
         call of a step compiled for 1-D float32 variables of any length, as one
-        ``StepChain``; ``prepared.args`` is the argument list of each call."""
+        ``StepChain``; ``prepared.args`` is the argument list of each call.  Under clipnorm
+        each variable is clipped by its own norm: exact for an own group (one variable), and
+        the other groups' variables are updated through their slices instead."""
         device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
-        calls = []                  # (spec, groups)
+        calls = []                  # (spec, buffers, {own group: its gradient's argument index})
         others = [j for j in range(len(self._groups)) if j not in self._own_groups]
-        if others:
-            calls.append((self._group_spec(others), others))
+        if others and self._clip()[0] == "clipnorm":
+            small = tuple(i for j in others for i in self._groups[j][2])
+            spec = self._spec_for(small, (None,) * len(small))
+            calls.append((spec, [flat.on_device(self._state_buffer(kind, None if k is None else small[k],
+                                                                   spec.slot_names)
+                                                or self._grad_buffers[(small[k], None)]["grads"], device)
+                                 for kind, k, _, _ in spec.arguments()], {}))
+        elif others:
+            spec = self._group_spec(others)
+            calls.append((spec, self._call_buffers(spec, others, device), {}))
         by_decay = {}
         for j in self._own_groups:
             by_decay.setdefault(self._groups[j][1], []).append(j)
         for own in by_decay.values():
-            start = 0
-            rest = len(own) % CHAIN_WIDTH           # as calls of its binary digits: 4, 2, 1
+            start, rest = 0, len(own) % CHAIN_WIDTH      # the rest as calls of its binary digits: 4, 2, 1
             for width in [CHAIN_WIDTH] * (len(own) // CHAIN_WIDTH) + [1 << b for b in
                                                                       reversed(range(rest.bit_length())) if rest >> b & 1]:
                 groups = own[start:start + width]
-                calls.append((dynamic_spec(self._group_spec(groups), width), groups))
+                spec = dynamic_spec(self._group_spec(groups), width)
+                calls.append((spec, self._call_buffers(spec, groups, device),
+                              self._own_arguments(spec, groups, self._own_groups)))
                 start += width
-        chain, bindings, buffer_lists = StepChain(device), [], []
-        for spec, groups in calls:
+        chain, bindings = StepChain(device), []
+        for spec, buffers, own in calls:
             module = step_module(spec, device)
-            buffers = self._call_buffers(spec, groups, device)
-            bindings.append(flat.GradientBindings(module, buffers, self._own_arguments(spec, groups, self._own_groups),
-                                                  chain.add(module)))
-            buffer_lists.append(buffers)
-        prepared = PreparedStep(calls[0][0], chain, None, buffer_lists, [self._grad_buffers[(i, None)] for i in indices])
+            bindings.append(flat.GradientBindings(module, buffers, own, chain.add(module)))
+        prepared = PreparedStep(calls[0][0], chain, None, [buffers for _, buffers, _ in calls],
+                                [self._grad_buffers[(i, None)] for i in indices])
         prepared.bindings = flat.ChainBindings(bindings)
         prepared.args = prepared.bindings.bind(dict.fromkeys(self._own_groups))
         return prepared

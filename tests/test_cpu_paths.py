@@ -326,13 +326,14 @@ def test_gradient_imports_are_kept_by_address_and_do_not_keep_arrays_alive():
 
 
 @pytest.mark.parametrize("kwargs", [{"weight_decay": 0.1}, {"clipvalue": 0.01, "amsgrad": True},
-                                    {"use_ema": True, "ema_overwrite_frequency": 2}])
+                                    {"use_ema": True, "ema_overwrite_frequency": 2}, {"clipnorm": 0.5}])
 def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwargs):
     """With more than CHAIN_MIN_GROUPS large variables, they are updated CHAIN_WIDTH a call
     (then 4, 2, 1) by steps compiled for 1-D variables of any length, chained after the
     small variables' step (runtime/groups.py): the values match the reference, every
     gradient is read where it lies and nothing next to it, each weight-decay setting gets
-    calls of its own, and the chain signals once per call."""
+    calls of its own, and the chain signals once per call.  Under clipnorm the small variables
+    are updated through their slices (each clipped by its own norm), not their group."""
     from ireeopt.runtime import groups
 
     sizes = [N + 3 * k for k in range(12)]          # 12 own groups, of 12 different lengths
@@ -360,9 +361,9 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
     (prepared,) = opt._prepared.values()
     chain = prepared.module
     widths = [len(module.spec.variables) for module, _ in chain.calls]
-    # the small variables' step (one group), then the other large ones (8, 2, 1) and,
-    # excluded from weight decay, w3
-    assert widths == [1, 8, 2, 1, 1], widths
+    # the small variables' step (one group, or under clipnorm their two slices), then the
+    # other large ones (8, 2, 1) and, excluded from weight decay, w3
+    assert widths == [2 if "clipnorm" in kwargs else 1, 8, 2, 1, 1], widths
     assert all(module.spec.dynamic for module, _ in chain.calls[1:]) and not chain.calls[0][0].spec.dynamic
     assert chain._timeline.semaphore.query() == chain._timeline.value == 4 * len(widths)
     assert groups.CHAIN_MIN_GROUPS < 12 and groups.CHAIN_WIDTH == 8
