@@ -10,6 +10,8 @@ a call (one dispatch per variable costs compile time, not step time).  A
 call like a remembered one (same variables, same order, plain float arrays) takes a
 short path that checks and stages it in one pass.
 """
+from operator import attrgetter
+
 import numpy as np
 
 from ..kernels.step import VarSpec, dynamic_spec, size_of, slot_dtype
@@ -30,6 +32,10 @@ TASK_MIN_PARAMS = 1 << 19
 #: tensors of 84 KB: ~10 s), a call ~10-20 us of the caller's time per step
 CHAIN_MIN_GROUPS = 8
 CHAIN_WIDTH = 8
+
+
+_NDARRAY = {np.ndarray}
+_shape, _dtype = attrgetter("shape"), attrgetter("dtype")
 
 
 class GroupSteps:
@@ -189,39 +195,46 @@ class GroupSteps:
 
     def _remember_repeat(self, pairs, prepared):
         """After a dense flat step: what a call with the same variables in the same order
-        needs (``_apply_repeat``), keyed by their ids (the entry keeps the variables alive).
-        Per pair: the staging host array to copy its gradient into, and its own group (whose
-        gradient may be bound in place instead) or None."""
+        needs (``_apply_repeat``), keyed by their ids (the entry keeps the variables alive):
+        the variables' shapes; (position, staging host array) of each gradient always copied;
+        (position, own group, staging host array) of each that may be bound in place instead."""
         variables = [v for _, v in pairs]
         own = {i: j for j, i in self._own_groups.items()} if prepared.bindings is not None else {}
-        targets = [(self._grad_buffers[(self._index[id(v)], None)]["grads"].host, own.get(self._index[id(v)]))
-                   for v in variables]
-        copied = sum(host.nbytes for host, j in targets if j is None)       # bytes always copied
-        self._repeat_steps[tuple(map(id, variables))] = (self._structure_key(), prepared, targets, copied, variables)
+        hosts = [self._grad_buffers[(self._index[id(v)], None)]["grads"].host for v in variables]
+        copied = [(k, host) for k, (v, host) in enumerate(zip(variables, hosts)) if self._index[id(v)] not in own]
+        bound = [(k, own[self._index[id(v)]], host) for k, (v, host) in enumerate(zip(variables, hosts))
+                 if self._index[id(v)] in own]
+        self._repeat_steps[tuple(map(id, variables))] = (
+            self._structure_key(), prepared, [v.shape for v in variables], copied, bound,
+            sum(host.nbytes for _, host in copied), variables)
 
     def _apply_repeat(self, pairs):
         """A dense flat step for the same variables, in the same order, as a remembered one,
-        with plain float arrays of their shapes: checked and staged in one pass (the general
-        path sorts, groups and re-checks every pair).  Returns False, having changed
-        nothing, for anything else (the general path then handles, or rejects, the call)."""
+        with plain float arrays of their shapes: checked and staged with a few passes in C
+        over all pairs (the general path sorts, groups and re-checks every pair).  Returns
+        False, having changed nothing, for anything else (the general path then handles, or
+        rejects, the call)."""
         try:
             entry = self._repeat_steps.get(tuple(id(v) for _, v in pairs))
         except (TypeError, ValueError):
             return False
         if entry is None or entry[0] != self._structure_key():
             return False
-        _, prepared, targets, nbytes, _ = entry
-        copies, sources = [], {}
-        for (grad, var), (host, j) in zip(pairs, targets):
-            if type(grad) is not np.ndarray or grad.shape != var.shape or grad.dtype.kind != "f":
-                return False
-            if j is not None:
-                if flat.in_place(grad):
-                    sources[j] = grad
-                    continue
+        _, prepared, shapes, copied, bound, nbytes, _ = entry
+        grads = [pair[0] for pair in pairs]
+        if set(map(type, grads)) != _NDARRAY or list(map(_shape, grads)) != shapes or \
+                any(dtype.kind != "f" for dtype in set(map(_dtype, grads))):
+            return False
+        copies = [(host, grads[k]) for k, host in copied]
+        sources = {}
+        for k, j, host in bound:
+            grad = grads[k]
+            if flat.in_place(grad):
+                sources[j] = grad
+            else:
                 sources[j] = None
+                copies.append((host, grad))
                 nbytes += host.nbytes
-            copies.append((host, grad))
         lr = self._step_lr()
         hyper = self._constants(prepared.spec, lr)
         if sources:
