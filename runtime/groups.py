@@ -140,10 +140,8 @@ class GroupSteps:
         if others and self._clip()[0] == "clipnorm":
             small = tuple(i for j in others for i in self._groups[j][2])
             spec = self._spec_for(small, (None,) * len(small))
-            calls.append((spec, [flat.on_device(self._state_buffer(kind, None if k is None else small[k],
-                                                                   spec.slot_names)
-                                                or self._grad_buffers[(small[k], None)]["grads"], device)
-                                 for kind, k, _, _ in spec.arguments()], {}))
+            buffers = self._step_buffers(spec, small, [self._grad_buffers[(i, None)] for i in small])
+            calls.append((spec, [flat.on_device(b, device) for b in buffers], {}))
         elif others:
             spec = self._group_spec(others)
             calls.append((spec, self._call_buffers(spec, others, device), {}))
@@ -200,10 +198,10 @@ class GroupSteps:
         (position, own group, staging host array) of each that may be bound in place instead."""
         variables = [v for _, v in pairs]
         own = {i: j for j, i in self._own_groups.items()} if prepared.bindings is not None else {}
-        hosts = [self._grad_buffers[(self._index[id(v)], None)]["grads"].host for v in variables]
-        copied = [(k, host) for k, (v, host) in enumerate(zip(variables, hosts)) if self._index[id(v)] not in own]
-        bound = [(k, own[self._index[id(v)]], host) for k, (v, host) in enumerate(zip(variables, hosts))
-                 if self._index[id(v)] in own]
+        indices = [self._index[id(v)] for v in variables]
+        hosts = [self._grad_buffers[(i, None)]["grads"].host for i in indices]
+        copied = [(k, host) for k, (i, host) in enumerate(zip(indices, hosts)) if i not in own]
+        bound = [(k, own[i], host) for k, (i, host) in enumerate(zip(indices, hosts)) if i in own]
         self._repeat_steps[tuple(map(id, variables))] = (
             self._structure_key(), prepared, [v.shape for v in variables], copied, bound,
             sum(host.nbytes for _, host in copied), variables)

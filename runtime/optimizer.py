@@ -377,12 +377,18 @@ class Optimizer(GroupSteps, Training):
         if key not in self._prepared:
             spec = self._spec_for(indices, buckets)
             grad_buffers = [self._gradient_buffers(i, v, spec) for i, v in zip(indices, spec.variables)]
-            buffers = []
-            for kind, j, _, _ in spec.arguments():
-                state = self._state_buffer(kind, None if j is None else indices[j], spec.slot_names)
-                buffers.append(grad_buffers[j][kind] if state is None else state)
-            self._prepared[key] = self._prepared_step(spec, buffers, grad_buffers)
+            self._prepared[key] = self._prepared_step(spec, self._step_buffers(spec, indices, grad_buffers),
+                                                      grad_buffers)
         return self._prepared[key]
+
+    def _step_buffers(self, spec, indices, grad_buffers):
+        """The buffers of a step ``spec`` over the variables ``indices``, in argument order:
+        their persistent state, and ``grad_buffers[k]`` (variable ``k``'s staging) for inputs."""
+        buffers = []
+        for kind, k, _, _ in spec.arguments():
+            state = self._state_buffer(kind, None if k is None else indices[k], spec.slot_names)
+            buffers.append(grad_buffers[k][kind] if state is None else state)
+        return buffers
 
     def _state_buffer(self, kind, i, slot_names):
         """The persistent buffer of argument ``kind`` of variable ``i``: its parameters, a slot,
