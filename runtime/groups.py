@@ -32,9 +32,13 @@ TASK_MIN_PARAMS = 1 << 19
 #: tensors of 84 KB: ~10 s), a call ~10-20 us of the caller's time per step
 CHAIN_MIN_GROUPS = 8
 CHAIN_WIDTH = 8
+#: below this many parameters in all, a step that leaves some variables without a
+#: gradient always runs as the group step (``_restorable``)
+SUBSET_GROUPS_BELOW = 1 << 19
 
 
 _NDARRAY = {np.ndarray}
+_ZERO = np.zeros((), np.float32)
 _shape, _dtype = attrgetter("shape"), attrgetter("dtype")
 
 
@@ -79,10 +83,35 @@ class GroupSteps:
         return slots, averages
 
     def _groups_apply(self, indices, buckets):
-        """Whether this step can run as one flat step over the groups: every variable gets a
-        dense gradient, and no clipping by each variable's own norm (but in a chain)."""
-        return (self._groups is not None and self._artifact is None and len(indices) == len(self._index)
-                and all(b is None for b in buckets) and (self._clip()[0] != "clipnorm" or self._chained()))
+        """Whether this step can run as one flat step over the groups: every gradient is
+        dense, no clipping by each variable's own norm (but in a chain), and the variables
+        without a gradient are few enough to be restored after it (``_untouched``)."""
+        return (self._groups is not None and self._artifact is None and all(b is None for b in buckets)
+                and (self._clip()[0] != "clipnorm" or self._chained())
+                and (len(indices) == len(self._index) or self._restorable(indices)))
+
+    def _restorable(self, indices):
+        """Whether a step that gives no gradient to the variables not in ``indices`` runs the
+        group step anyway, their state saved before and written back after it: in a model
+        of fewer than SUBSET_GROUPS_BELOW parameters (there the dispatches of a step over
+        some variables, one each, cost more than moving all), or where they hold at most a
+        quarter as many parameters as the variables that have a gradient."""
+        sizes = [size_of(v.shape) for v in self._vars]
+        present = sum(sizes[i] for i in indices)
+        return sum(sizes) < SUBSET_GROUPS_BELOW or 4 * (sum(sizes) - present) <= present
+
+    def _untouched(self, indices):
+        """The host arrays of every state (parameters, slots, EMA average) of the variables
+        not in ``indices``: a group step that updates them too is undone by writing them back."""
+        given = set(indices)
+        hosts = []
+        for i, var in enumerate(self._vars):
+            if i not in given:
+                hosts.append(var._buffer.host)
+                hosts += [self._slots[k][i]._buffer.host for k in self._slot_names]
+                if self.use_ema:
+                    hosts.append(self._averages[i]._buffer.host)
+        return hosts
 
     def _chained(self):
         """Whether the group step is a chain (``_prepare_chain``): more than CHAIN_MIN_GROUPS
@@ -176,17 +205,19 @@ class GroupSteps:
 
     def _stage_groups(self, prepared, order):
         """The (staging buffer, array) copies of a group step's gradients; those of its own
-        groups that can be are bound where they lie instead (``flat.in_place``)."""
+        groups that can be are bound where they lie instead (``flat.in_place``).  A variable
+        without a gradient gets zeros (they add nothing to a global norm; its update is
+        undone after the step, see ``_untouched``)."""
         grads = {self._index[id(v)]: g for g, v in order}
         copies, sources = [], {}
         own = prepared.bindings.arguments if prepared.bindings is not None else ()
         for j, (_, _, members) in enumerate(self._groups):
             if j in own:
-                grad = grads[members[0]]
-                sources[j] = grad if flat.in_place(grad) else None
+                grad = grads.get(members[0])
+                sources[j] = grad if grad is not None and flat.in_place(grad) else None
                 if sources[j] is not None:
                     continue
-            copies += [(self._grad_buffers[(i, None)]["grads"], grads[i]) for i in members]
+            copies += [(self._grad_buffers[(i, None)]["grads"], grads.get(i, _ZERO)) for i in members]
         if own:
             prepared.args = prepared.bindings.bind(sources)
         return copies

@@ -474,7 +474,7 @@ class Optimizer(GroupSteps, Training):
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
         groups = self._groups_apply(indices, buckets)
         if groups:
-            prepared = self._prepare_groups(indices)
+            prepared = self._prepare_groups(tuple(range(len(self._vars))))
         else:
             prepared = self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)
@@ -490,8 +490,14 @@ class Optimizer(GroupSteps, Training):
                 scratch_rows[i] = grad.indices[:grad.count]
             copies += [(staging[kind], array) for kind, array in arrays.items()]
         flat.copy_in(copies)
-        self._run_prepared(prepared, hyper, scratch_rows)
-        if groups and prepared.module is not None and len(given) == len(pairs) and \
+        # variables without a gradient in a group step: their state, written back after it
+        saved = [(host, host.copy()) for host in self._untouched(indices)] if groups else ()
+        try:
+            self._run_prepared(prepared, hyper, scratch_rows)
+        finally:
+            for host, value in saved:
+                host[...] = value
+        if groups and prepared.module is not None and len(indices) == len(pairs) == len(self._vars) and \
                 all(type(g) is np.ndarray for g, _ in pairs):
             self._remember_repeat(grads_and_vars, prepared)
         return self.iterations

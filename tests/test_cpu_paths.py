@@ -413,3 +413,52 @@ def test_chains_sharing_compiled_steps_run_from_two_threads():
         assert opt.iterations == 6
         for v, want in zip(variables, ref.p):
             np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=v.name)
+
+
+@pytest.mark.parametrize("large", [3, 12])
+@pytest.mark.parametrize("kwargs", [{"global_clipnorm": 1.0}, {"use_ema": True, "ema_overwrite_frequency": 2,
+                                                               "amsgrad": True}, {"clipnorm": 0.5}])
+def test_a_step_without_some_gradients_runs_the_group_step_and_leaves_those_untouched(large, kwargs):
+    """Variables that get no gradient in a step are not moved to the one-dispatch-per-variable
+    path: the group step (or chain) runs with zero gradients for them, and their state is
+    written back after it, bit for bit.  Their stale staging would otherwise leak into a
+    global norm: the gradients of the steps before are made large to show it."""
+    from ireeopt.runtime import groups
+
+    shapes = [(N + 3 * k,) for k in range(large)] + [(7, 3), (300,), (40,)]
+    rng, variables, _, _ = _model(21, shapes)
+    init = [v.numpy() for v in variables]
+    opt = ireeopt.Adam(learning_rate=0.01, **kwargs)
+    ref = Reference("adam", init, [v.name for v in variables], learning_rate=0.01, **kwargs)
+    # step -> variables without a gradient (None; from step 5 on left out of the list)
+    missing = {2: {1, large}, 3: {0, large + 2}, 4: {1, large}, 5: {2}, 6: {2}, 7: {2}}
+    for step in range(9):
+        grads = [rng.standard_normal(s).astype(np.float32) * (100 if step < 2 else 1) for s in shapes]
+        gone = missing.get(step, set())
+        grads = [None if k in gone else g for k, g in enumerate(grads)]
+        state = {k: [variables[k].numpy()] + [opt._slots[s][k].numpy() for s in opt._slot_names] +
+                 ([opt._averages[k].numpy()] if opt.use_ema else []) for k in gone}
+        calls = opt.device_calls
+        if step >= 5:
+            opt.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+        else:
+            with pytest.warns(UserWarning, match="Gradients do not exist") if gone else _no_warning():
+                opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+        assert opt.device_calls == calls + 1
+        for k, before in state.items():
+            after = [variables[k].numpy()] + [opt._slots[s][k].numpy() for s in opt._slot_names] + \
+                ([opt._averages[k].numpy()] if opt.use_ema else [])
+            for b, a in zip(before, after):
+                np.testing.assert_array_equal(a, b, err_msg=f"{variables[k].name} at step {step}")
+        for v, want in zip(variables, ref.p):
+            np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
+    if "clipnorm" in kwargs and large <= groups.CHAIN_MIN_GROUPS:
+        assert "groups" not in [key[0] for key in opt._prepared]   # clipnorm: every step per variable
+    else:
+        assert [key[0] for key in opt._prepared] == ["groups"]  # no step over some variables was made
+
+
+def _no_warning():
+    import contextlib
+    return contextlib.nullcontext()
