@@ -20,6 +20,11 @@ rows the previous sparse step left in it.
 
 Every state argument is donated: output ``i`` is written into the buffer of
 argument ``spec.donated[i]``.
+
+With ``norms="given"`` (a chain of steps on the host's memory, runtime/groups.py) the
+squared norms that clipping needs come in rather than being computed: under clipnorm a
+"sumsq" scalar (float32) after each gradient; under global_clipnorm the total, as one more
+scalar of ``hyper``, "sumsq".
 """
 import hashlib
 import json
@@ -69,6 +74,7 @@ class StepSpec:
     clip: str = None               # None | "clipnorm" | "global_clipnorm" | "clipvalue"
     amsgrad: bool = False
     use_ema: bool = False
+    norms: str = None              # None (computed) | "given": see the module docstring
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -80,6 +86,11 @@ class StepSpec:
                 raise ValueError("a sparse gradient needs a variable of rank >= 1")
             if v.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"unsupported variable dtype {v.dtype}; supported: {SUPPORTED_DTYPES}")
+        if self.norms not in (None, "given"):
+            raise ValueError(f"unknown norms {self.norms!r}")
+        if self.norms and (self.clip not in ("clipnorm", "global_clipnorm")
+                           or any(v.sparse is not None for v in self.variables)):
+            raise ValueError("given norms need clipping by a norm and dense gradients")
 
     @property
     def dynamic(self):
@@ -97,7 +108,8 @@ class StepSpec:
 
     @property
     def scalars(self):
-        return COMMON_SCALARS + self.kernel.CONSTANTS
+        total = self.norms and self.clip == "global_clipnorm"
+        return COMMON_SCALARS + self.kernel.CONSTANTS + (("sumsq",) if total else ())
 
     @property
     def state_names(self):
@@ -109,6 +121,8 @@ class StepSpec:
         args = [("params", i, v.shape, v.dtype) for i, v in enumerate(self.variables)]
         for i, v in enumerate(self.variables):
             args += [(kind, i, shape, dtype) for kind, shape, dtype in v.gradient_arguments()]
+            if self.norms and self.clip == "clipnorm":
+                args.append(("sumsq", i, (), "float32"))
         for kind in self.state_names[1:]:
             args += [(kind, i, v.shape, slot_dtype(v.dtype)) for i, v in enumerate(self.variables)]
         args += [("scratch", i, self.variables[i].shape, "float32") for i in self.scratch_variables]
@@ -134,16 +148,19 @@ class StepSpec:
         return [args[i] for i in self.donated]
 
     def to_json(self):
-        return {"optimizer": self.optimizer, "clip": self.clip, "amsgrad": self.amsgrad,
-                "use_ema": self.use_ema, "decay": list(self.decay),
-                "variables": [{"shape": list(v.shape), "dtype": v.dtype, "sparse": v.sparse}
-                              for v in self.variables]}
+        out = {"optimizer": self.optimizer, "clip": self.clip, "amsgrad": self.amsgrad,
+               "use_ema": self.use_ema, "decay": list(self.decay),
+               "variables": [{"shape": list(v.shape), "dtype": v.dtype, "sparse": v.sparse}
+                             for v in self.variables]}
+        if self.norms:                  # (absent otherwise: the other specs' digests are unchanged)
+            out["norms"] = self.norms
+        return out
 
     @classmethod
     def from_json(cls, d):
         return cls(d["optimizer"], tuple(VarSpec(tuple(v["shape"]), v["dtype"], v.get("sparse"))
                                          for v in d["variables"]),
-                   tuple(d["decay"]), d["clip"], d["amsgrad"], d["use_ema"])
+                   tuple(d["decay"]), d["clip"], d["amsgrad"], d["use_ema"], d.get("norms"))
 
     def digest(self):
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
@@ -157,25 +174,30 @@ def dynamic_spec(spec, count):
         raise ValueError("the variables of a dynamic step must agree on weight decay")
     decay = spec.decay[0] if spec.decay else False
     return StepSpec(spec.optimizer, (VarSpec((None,), "float32"),) * count, (decay,) * count, spec.clip,
-                    spec.amsgrad, spec.use_ema)
+                    spec.amsgrad, spec.use_ema, spec.norms)
 
 
-def step(xp, spec, params, grads, slots, averages, scratch, hyper):
+def step(xp, spec, params, grads, slots, averages, scratch, hyper, sumsqs=None):
     """The whole-model step in spec §1 order: clip, weight decay, update, EMA (a sparse
     gradient's duplicates were summed on the host, after its clipvalue).
 
     ``grads[i]`` is an array (dense) or a dict with "rows", "indices", "count", "sumsq"
     (and "stale" under Adam) (sparse); ``slots`` maps slot kind -> list per variable; ``hyper`` is indexable
     by the position of each name in ``spec.scalars``; ``scratch`` maps variable index ->
-    scratch table.  Returns (params, slots, averages, scratch).
+    scratch table; ``sumsqs``: each dense gradient's given squared norm (``norms="given"``
+    under clipnorm).  Returns (params, slots, averages, scratch).
     """
     c = {name: hyper[i] for i, name in enumerate(spec.scalars)}
     f32 = "float32"
     sparse_vars = [v.sparse is not None for v in spec.variables]
     dense = [g["rows"] if s else g.astype(f32) for g, s in zip(grads, sparse_vars)]
-    clipped = clipping.clip(xp, spec.clip, dense, c["clip"],
-                            sumsqs=[g["sumsq"] if s else None for g, s in zip(grads, sparse_vars)],
-                            host_clipped=sparse_vars)
+    if spec.norms and spec.clip == "global_clipnorm":
+        clipped = clipping.clip_by_global_norm(xp, dense, c["clip"], [c["sumsq"]])
+    else:
+        given = sumsqs or [None] * len(grads)
+        clipped = clipping.clip(xp, spec.clip, dense, c["clip"],
+                                sumsqs=[g["sumsq"] if s else n for g, s, n in zip(grads, sparse_vars, given)],
+                                host_clipped=sparse_vars)
     new_params, new_slots, new_avgs, new_scratch = [], {k: [] for k in spec.slot_names}, [], {}
     for i, v in enumerate(spec.variables):
         var_slots = {k: slots[k][i] for k in spec.slot_names}
@@ -220,8 +242,9 @@ def flat_step(xp, spec):
                  for i, v in enumerate(spec.variables)]
         slots = {k: [named[k][i] for i in range(n)] for k in spec.slot_names}
         averages = [named["ema"][i] for i in range(n)] if spec.use_ema else []
+        sumsqs = [named["sumsq"][i] for i in range(n)] if spec.norms and spec.clip == "clipnorm" else None
         p, s, a, z = step(xp, spec, [named["params"][i] for i in range(n)], grads, slots, averages,
-                          named.get("scratch", {}), args[-1])
+                          named.get("scratch", {}), args[-1], sumsqs)
         out = list(p)
         for k in spec.slot_names:
             out += s[k]

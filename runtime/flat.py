@@ -149,13 +149,50 @@ def copy_to_hosts(pairs, nbytes):
         parts.append(part)
     if not parts:
         return
-    if not _pool:
-        from concurrent.futures import ThreadPoolExecutor
-        _pool.append(ThreadPoolExecutor(_CORES - 1, thread_name_prefix="ireeopt-copy"))
-    futures = [_pool[0].submit(_copy_part, p) for p in parts[1:]]
+    futures = [_copy_pool().submit(_copy_part, p) for p in parts[1:]]
     _copy_part(parts[0])
     for f in futures:
         f.result()
+
+
+def squared_norms(arrays):
+    """``sum(a ** 2)`` of each array as a step sees it (float32), by numpy where it lies:
+    einsum in float32 (within 5e-7 of the exact sum at 2^24 elements; BLAS's dot was 1.6e-4
+    off), the parts added in float64.  From PARALLEL_MIN_BYTES on, in one contiguous share
+    per core, at once (einsum releases the GIL): 200 x 84 KB, 7.2 -> 4.9 ms."""
+    flats = [a.reshape(-1) if a.dtype == np.float32 else a.reshape(-1).astype(np.float32) for a in arrays]
+    total = sum(f.nbytes for f in flats)
+    if total < PARALLEL_MIN_BYTES or _CORES < 2:
+        return [float(np.einsum("i,i->", f, f)) for f in flats]
+    share, parts, part, filled = -(-total // _CORES), [], [], 0
+    for k, f in enumerate(flats):
+        start = 0
+        while start < f.size:
+            take = min(f.size - start, max(1, (share - filled) // 4))
+            part.append((k, f[start:start + take]))
+            start, filled = start + take, filled + take * 4
+            if filled >= share:
+                parts.append(part)
+                part, filled = [], 0
+    if part:
+        parts.append(part)
+    futures = [_copy_pool().submit(_norm_part, p) for p in parts[1:]]
+    sums = [0.0] * len(flats)
+    for done in [_norm_part(parts[0])] + [f.result() for f in futures]:
+        for k, value in done:
+            sums[k] += value
+    return sums
+
+
+def _norm_part(part):
+    return [(k, float(np.einsum("i,i->", f, f))) for k, f in part]
+
+
+def _copy_pool():
+    if not _pool:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool.append(ThreadPoolExecutor(_CORES - 1, thread_name_prefix="ireeopt-copy"))
+    return _pool[0]
 
 
 def _splittable(dst, src):

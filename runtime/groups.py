@@ -14,6 +14,8 @@ from operator import attrgetter
 
 import numpy as np
 
+from dataclasses import replace
+
 from ..kernels.step import VarSpec, dynamic_spec, size_of, slot_dtype
 from .cache import step_module
 from .device import Device
@@ -39,6 +41,7 @@ SUBSET_GROUPS_BELOW = 1 << 19
 
 _NDARRAY = {np.ndarray}
 _ZERO = np.zeros((), np.float32)
+
 _shape, _dtype = attrgetter("shape"), attrgetter("dtype")
 
 
@@ -115,10 +118,8 @@ class GroupSteps:
 
     def _chained(self):
         """Whether the group step is a chain (``_prepare_chain``): more than CHAIN_MIN_GROUPS
-        own groups, and no clipping by the global norm (it needs every gradient before any
-        update)."""
-        return (self.jit_compile and len(self._own_groups) > CHAIN_MIN_GROUPS
-                and self._clip()[0] != "global_clipnorm")
+        own groups."""
+        return self.jit_compile and len(self._own_groups) > CHAIN_MIN_GROUPS
 
     def _prepare_groups(self, indices):
         """The ``PreparedStep`` that updates every variable through the group buffers (its
@@ -134,9 +135,12 @@ class GroupSteps:
         return self._structure([VarSpec(self._group_buffers["params"][j].shape, self._groups[j][0]) for j in groups],
                                [not self._groups[j][1] for j in groups])
 
-    def _call_buffers(self, spec, groups, device):
-        """The buffers of a step over ``groups`` (``spec``'s variable ``k`` is ``groups[k]``)."""
-        return [flat.on_device(self._hyper_buffer if kind == "hyper" else self._group_buffers[kind][groups[k]], device)
+    def _call_buffers(self, spec, groups, device, hyper=None):
+        """The buffers of a step over ``groups`` (``spec``'s variable ``k`` is ``groups[k]``),
+        its scalars in ``hyper`` (default the optimizer's)."""
+        hyper = self._hyper_buffer if hyper is None else hyper
+        return [flat.on_device(hyper if kind == "hyper" else self._own_norms[groups[k]] if kind == "sumsq"
+                               else self._group_buffers[kind][groups[k]], device)
                 for kind, k, _, _ in spec.arguments()]
 
     @staticmethod
@@ -160,41 +164,80 @@ class GroupSteps:
     def _prepare_chain(self, indices):
         """The other groups' step (if any), then the own groups, CHAIN_WIDTH (or 4, 2, 1) a
         call of a step compiled for 1-D float32 variables of any length, as one
-        ``StepChain``; ``prepared.args`` is the argument list of each call.  Under clipnorm
-        each variable is clipped by its own norm: exact for an own group (one variable), and
-        the other groups' variables are updated through their slices instead."""
+        ``StepChain``; ``prepared.args`` is the argument list of each call.
+
+        Clipping by a norm: the norms of the gradients, which lie in host memory, are
+        computed on the host (``_host_norms``) and given to the steps (``norms="given"``):
+        under global_clipnorm their total, a scalar of the chain's own hyper vector; under
+        clipnorm each own group's, a scalar buffer of its own, while the other groups'
+        variables are updated through their slices, each clipped by its own norm in the step."""
         device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
-        calls = []                  # (spec, buffers, {own group: its gradient's argument index})
+        clip = self._clip()[0]
+        if clip in ("clipnorm", "global_clipnorm"):
+            form = lambda spec: replace(spec, norms="given")      # noqa: E731
+        else:
+            form = lambda spec: spec                              # noqa: E731
+        hyper = None
+        if clip == "global_clipnorm":
+            hyper = flat.host_buffer(device, (len(form(self._empty_spec()).scalars),), "float32")
+        self._own_norms = {j: flat.host_buffer(device, (), "float32") for j in self._own_groups}
+        calls = []                  # (spec, buffers, the groups of its variables: [] for slices)
         others = [j for j in range(len(self._groups)) if j not in self._own_groups]
-        if others and self._clip()[0] == "clipnorm":
+        if others and clip == "clipnorm":
             small = tuple(i for j in others for i in self._groups[j][2])
             spec = self._spec_for(small, (None,) * len(small))
             buffers = self._step_buffers(spec, small, [self._grad_buffers[(i, None)] for i in small])
-            calls.append((spec, [flat.on_device(b, device) for b in buffers], {}))
-        elif others:
-            spec = self._group_spec(others)
-            calls.append((spec, self._call_buffers(spec, others, device), {}))
+            calls.append((spec, [flat.on_device(b, device) for b in buffers], []))
+            others = []
         by_decay = {}
         for j in self._own_groups:
             by_decay.setdefault(self._groups[j][1], []).append(j)
-        for own in by_decay.values():
-            start, rest = 0, len(own) % CHAIN_WIDTH      # the rest as calls of its binary digits: 4, 2, 1
-            for width in [CHAIN_WIDTH] * (len(own) // CHAIN_WIDTH) + [1 << b for b in
-                                                                      reversed(range(rest.bit_length())) if rest >> b & 1]:
-                groups = own[start:start + width]
-                spec = dynamic_spec(self._group_spec(groups), width)
-                calls.append((spec, self._call_buffers(spec, groups, device),
-                              self._own_arguments(spec, groups, self._own_groups)))
-                start += width
+        for k, own in enumerate(by_decay.values()):
+            for groups, spec in self._chain_links(others if k == 0 else [], own, form):
+                calls.append((spec, self._call_buffers(spec, groups, device, hyper), groups))
         chain, bindings = StepChain(device), []
-        for spec, buffers, own in calls:
+        for spec, buffers, groups in calls:
             module = step_module(spec, device)
+            own = self._own_arguments(spec, groups, self._own_groups) if groups else {}
             bindings.append(flat.GradientBindings(module, buffers, own, chain.add(module)))
         prepared = PreparedStep(calls[0][0], chain, None, [buffers for _, buffers, _ in calls],
                                 [self._grad_buffers[(i, None)] for i in indices])
+        prepared.hyper = hyper
+        prepared.norms = clip if clip in ("clipnorm", "global_clipnorm") else None
         prepared.bindings = flat.ChainBindings(bindings)
         prepared.args = prepared.bindings.bind(dict.fromkeys(self._own_groups))
         return prepared
+
+    def _host_norms(self, prepared, hyper):
+        """Before a chain step that clips by a norm (``prepared.norms``), with its gradients
+        staged or bound: the squared norms of its gradients, computed where they lie
+        (``flat.squared_norms``), into the own groups' scalar
+        buffers (clipnorm) or, summed over every group (the staging of the others, padding
+        and variables without a gradient being zeros), into ``hyper`` (global_clipnorm)."""
+        bound = prepared.bindings.bound
+        own = list(self._own_groups)
+        arrays = [self._group_buffers["grads"][j].host if bound[j] is None else bound[j].host for j in own]
+        if prepared.norms == "clipnorm":
+            for j, value in zip(own, flat.squared_norms(arrays)):
+                self._own_norms[j].host[...] = value
+            return
+        arrays += [self._group_buffers["grads"][j].host for j in range(len(self._groups)) if j not in self._own_groups]
+        hyper[prepared.spec.scalars.index("sumsq")] = sum(flat.squared_norms(arrays))
+
+    def _chain_links(self, others, own, form):
+        """(groups, spec) of each call of a chain over the groups ``others`` (one static
+        step, if any) and then the own groups ``own``, CHAIN_WIDTH a call, the rest as calls
+        of its binary digits (4, 2, 1), each by a step of any lengths; ``form(spec)`` gives
+        the form of each spec (``norms="given"`` or as it is)."""
+        links = [(others, form(self._group_spec(others)))] if others else []
+        start, rest = 0, len(own) % CHAIN_WIDTH
+        for width in [CHAIN_WIDTH] * (len(own) // CHAIN_WIDTH) + [1 << b for b in
+                                                                  reversed(range(rest.bit_length())) if rest >> b & 1]:
+            groups = own[start:start + width]
+            spec = form(self._group_spec(groups))
+            links.append((groups, dynamic_spec(spec, width)))
+            start += width
+        return links
 
     def _group_step_device(self, params):
         """The device a flat step over ``params`` parameters runs on (see TASK_MIN_PARAMS)."""

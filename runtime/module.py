@@ -53,6 +53,8 @@ class PreparedStep:
         self.spec, self.module, self.args = spec, module, args
         self.buffers, self.grad_buffers = buffers, grad_buffers
         self.verified = False
+        self.hyper = None              # the buffer its scalars go to, if not the optimizer's own
+        self.norms = None              # a chain that is given its gradients' norms: the clip mode
         self.bindings = None           # group steps with own groups: flat.GradientBindings/ChainBindings
 
 

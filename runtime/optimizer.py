@@ -334,6 +334,7 @@ class Optimizer(GroupSteps, Training):
         freq = self.ema_overwrite_frequency
         overwrite = bool(self.use_ema and freq and (self._iterations + 1) % freq == 0)
         c = {"lr": lr, "wd": np.float32(self.weight_decay or 0), "clip": np.float32(self._clip()[1]),
+             "sumsq": np.float32(0),     # (a chain's global norm: written by _host_norms)
              **ema_kernel.constants(self.ema_momentum if self.use_ema else 0.0, overwrite),
              **self._kernel_constants(lr)}
         return np.array([c[k] for k in spec.scalars], np.float32)
@@ -505,7 +506,9 @@ class Optimizer(GroupSteps, Training):
     def _run_prepared(self, prepared, hyper, scratch_rows=None):
         """With the inputs staged: write this step's scalars, run the prepared step (checking
         on its first call that it updated its state in place), count the step."""
-        self._hyper_buffer.write(hyper)
+        if prepared.norms is not None:
+            self._host_norms(prepared, hyper)
+        (self._hyper_buffer if prepared.hyper is None else prepared.hyper).write(hyper)
         self._device.wait()          # staged devices: every input copy queued before has landed
         if prepared.module is None:
             self._run_eager(prepared.spec, prepared.buffers)

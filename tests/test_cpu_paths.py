@@ -138,6 +138,22 @@ def test_parallel_copies_of_only_unsplittable_arrays():
     np.testing.assert_array_equal(dst, src)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_host_squared_norms(monkeypatch, parallel):
+    """The squared norms a chain is given (``flat.squared_norms``): of the float32 values the
+    steps see, each within float32 rounding of the exact sum, over the cores from
+    PARALLEL_MIN_BYTES on (one array split between them, others whole)."""
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(n).astype(np.float32) * 3 for n in (5, 70_001, 300_000)]
+    arrays += [rng.standard_normal((40, 7)).astype(np.float16), np.zeros(0, np.float32)]
+    monkeypatch.setattr(flat, "PARALLEL_MIN_BYTES", 1 << 10 if parallel else 1 << 40)
+    monkeypatch.setattr(flat, "_CORES", 2)
+    got = flat.squared_norms(arrays)
+    for a, value in zip(arrays, got):
+        exact = float(np.sum(a.astype(np.float64) ** 2))
+        assert value == pytest.approx(exact, rel=1e-6, abs=1e-30)
+
+
 def test_parallel_gradient_copies(monkeypatch):
     """Gradient staging split over the cores (forced for a small model here): mixed sizes,
     a float64 and a strided gradient (copied whole), every element lands where it belongs."""
@@ -326,14 +342,18 @@ def test_gradient_imports_are_kept_by_address_and_do_not_keep_arrays_alive():
 
 
 @pytest.mark.parametrize("kwargs", [{"weight_decay": 0.1}, {"clipvalue": 0.01, "amsgrad": True},
-                                    {"use_ema": True, "ema_overwrite_frequency": 2}, {"clipnorm": 0.5}])
+                                    {"use_ema": True, "ema_overwrite_frequency": 2}, {"clipnorm": 0.5},
+                                    {"global_clipnorm": 1.0, "weight_decay": 0.1}])
 def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwargs):
     """With more than CHAIN_MIN_GROUPS large variables, they are updated CHAIN_WIDTH a call
     (then 4, 2, 1) by steps compiled for 1-D variables of any length, chained after the
     small variables' step (runtime/groups.py): the values match the reference, every
     gradient is read where it lies and nothing next to it, each weight-decay setting gets
     calls of its own, and the chain signals once per call.  Under clipnorm the small variables
-    are updated through their slices (each clipped by its own norm), not their group."""
+    are updated through their slices (each clipped by its own norm), not their group; under
+    both clippings by a norm the norms of the large ones' gradients are computed on the host
+    and given to the steps (the first steps' gradients are large, so that the clipping is
+    felt, in the first moments: Adam's update is blind to a scale common to all steps)."""
     from ireeopt.runtime import groups
 
     sizes = [N + 3 * k for k in range(12)]          # 12 own groups, of 12 different lengths
@@ -348,7 +368,8 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
     for step in range(4):
         grads, backings = [], []
         for k, s in enumerate(shapes):
-            backing, g = _poisoned(rng.standard_normal(size_of(s)).astype(np.float32), k + step)
+            backing, g = _poisoned(rng.standard_normal(size_of(s)).astype(np.float32) * (50 if step < 2 else 0.01),
+                                   k + step)
             grads.append(g.reshape(s))
             backings.append((backing, backing.copy()))
         opt.apply_gradients(zip(grads, variables))
@@ -358,6 +379,8 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
             np.testing.assert_array_equal(backing, before)
         for v, want in zip(variables, ref.p):
             np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
+        for k, want in enumerate(ref.m):           # (scaled by a clipping that Adam's update is blind to)
+            np.testing.assert_allclose(opt._slots["m"][k].numpy(), want, rtol=2e-5, atol=2e-6 * np.abs(want).max())
     (prepared,) = opt._prepared.values()
     chain = prepared.module
     widths = [len(module.spec.variables) for module, _ in chain.calls]
@@ -365,6 +388,13 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
     # other large ones (8, 2, 1) and, excluded from weight decay, w3
     assert widths == [2 if "clipnorm" in kwargs else 1, 8, 2, 1, 1], widths
     assert all(module.spec.dynamic for module, _ in chain.calls[1:]) and not chain.calls[0][0].spec.dynamic
+    # clipping by a norm: the large ones' norms are given (computed on the host); the small
+    # ones' slices compute theirs under clipnorm, their group's is given under global_clipnorm
+    given = [module.spec.norms for module, _ in chain.calls]
+    if "clipnorm" in kwargs:
+        assert given == [None] + ["given"] * 4
+    else:
+        assert given == ["given" if "global_clipnorm" in kwargs else None] * 5
     assert chain._timeline.semaphore.query() == chain._timeline.value == 4 * len(widths)
     assert groups.CHAIN_MIN_GROUPS < 12 and groups.CHAIN_WIDTH == 8
 
@@ -462,3 +492,18 @@ def test_a_step_without_some_gradients_runs_the_group_step_and_leaves_those_unto
 def _no_warning():
     import contextlib
     return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("kwargs", [{"clipnorm": 1.0}, {"global_clipnorm": 1.0}])
+def test_the_norm_of_a_large_gradient_is_summed_to_float32_rounding(kwargs):
+    """Clipping's squared norm of 2^21 + 3 elements, in the compiled step (kernels/clipping.py
+    sums it by rows): the first moment, which carries the clipped gradient as it is, matches
+    the float64 reference to 1e-6.  Summed along the one axis it was 0.2% off at 2^22."""
+    n = (1 << 21) + 3
+    rng, (var,), _, _ = _model(31, [(n,)])
+    opt = ireeopt.Adam(learning_rate=0.01, **kwargs)
+    ref = Reference("adam", [var.numpy()], ["w0"], learning_rate=0.01, **kwargs)
+    grad = (rng.standard_normal(n) + 3).astype(np.float32)
+    opt.apply_gradients([(grad, var)])
+    ref.step([grad])
+    np.testing.assert_allclose(opt._slots["m"][0].numpy(), ref.m[0], rtol=1e-6, atol=0)
