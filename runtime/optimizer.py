@@ -378,8 +378,11 @@ class Optimizer(GroupSteps, Training):
         if key not in self._prepared:
             spec = self._spec_for(indices, buckets)
             grad_buffers = [self._gradient_buffers(i, v, spec) for i, v in zip(indices, spec.variables)]
-            self._prepared[key] = self._prepared_step(spec, self._step_buffers(spec, indices, grad_buffers),
-                                                      grad_buffers)
+            buffers = self._step_buffers(spec, indices, grad_buffers)
+            if self._groups is not None and self._artifact is None and all(b is None for b in buckets):
+                self._prepared[key] = self._prepare_slices(spec, indices, buffers, grad_buffers)
+            else:
+                self._prepared[key] = self._prepared_step(spec, buffers, grad_buffers)
         return self._prepared[key]
 
     def _step_buffers(self, spec, indices, grad_buffers):
@@ -483,6 +486,9 @@ class Optimizer(GroupSteps, Training):
         copies = []                  # (staging buffer, array): written together below
         if groups:
             copies = self._stage_groups(prepared, order)
+            order = ()
+        elif prepared.bindings is not None:
+            copies = self._stage_slices(prepared, order)
             order = ()
         for (grad, _), i, staging in zip(order, indices, prepared.grad_buffers):
             arrays = grad.arrays() if isinstance(grad, sparse.SparseGradient) else {"grads": grad}

@@ -494,12 +494,17 @@ def _no_warning():
     return contextlib.nullcontext()
 
 
+@pytest.mark.parametrize("n", [1 << 21, (1 << 21) + 3, (1 << 22) + 5])
 @pytest.mark.parametrize("kwargs", [{"clipnorm": 1.0}, {"global_clipnorm": 1.0}])
-def test_the_norm_of_a_large_gradient_is_summed_to_float32_rounding(kwargs):
-    """Clipping's squared norm of 2^21 + 3 elements, in the compiled step (kernels/clipping.py
-    sums it by rows): the first moment, which carries the clipped gradient as it is, matches
-    the float64 reference to 1e-6.  Summed along the one axis it was 0.2% off at 2^22."""
-    n = (1 << 21) + 3
+def test_the_norm_of_a_large_gradient_is_summed_to_float32_rounding(kwargs, n):
+    """Clipping's squared norm in the compiled step, summed by rows (kernels/clipping.py) of
+    4,096, of 295 (which divides 2^21 + 3), and of 4,096 over all but the last 5 elements
+    (2^22 + 5 has no divisor to sum by): the first moment, which carries the clipped
+    gradient as it is, matches the float64 reference to 1e-6.  Summed along the one axis it
+    was 0.2% off at 2^22."""
+    from ireeopt.kernels.clipping import norm_row
+
+    assert norm_row(n) == {1 << 21: 4096, (1 << 21) + 3: 295}.get(n)
     rng, (var,), _, _ = _model(31, [(n,)])
     opt = ireeopt.Adam(learning_rate=0.01, **kwargs)
     ref = Reference("adam", [var.numpy()], ["w0"], learning_rate=0.01, **kwargs)
