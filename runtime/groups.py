@@ -240,35 +240,20 @@ class GroupSteps:
         return links
 
     def _prepare_slices(self, spec, indices, buffers, grad_buffers):
-        """A dense step over the slices of the variables ``indices`` (a step over some
-        variables, or one that clips each by its own norm), as a group step runs: on
-        local-task from TASK_MIN_PARAMS parameters, and with the gradient of each variable
-        that has a group of its own bound where it lies (``_stage_slices``)."""
+        """A step over the slices of the variables ``indices`` (one over some variables, with
+        sparse gradients, or clipping each variable by its own norm), run as a group step is:
+        on local-task from TASK_MIN_PARAMS parameters, and with the dense gradient of each
+        variable that has a group of its own bound where it lies (``prepared.own_of``)."""
         device = self._group_step_device(sum(size_of(self._vars[i].shape) for i in indices))
         buffers = [flat.on_device(b, device) for b in buffers]
         prepared = self._prepared_step(spec, buffers, grad_buffers, device)
-        own = {i: j for j, (_, _, members) in enumerate(self._groups) if j in self._own_groups for i in members}
+        own = {members[0]: j for j, (_, _, members) in enumerate(self._groups) if j in self._own_groups}
         arguments = {own[indices[k]]: a for a, (kind, k, _, _) in enumerate(spec.arguments())
                      if kind == "grads" and indices[k] in own}
         if arguments and prepared.module is not None:
             prepared.bindings = flat.GradientBindings(prepared.module, buffers, arguments)
+            prepared.own_of = {i: j for i, j in own.items() if j in arguments}
         return prepared
-
-    def _stage_slices(self, prepared, order):
-        """``_stage_groups`` for a ``_prepare_slices`` step: the copies of its gradients but
-        those bound where they lie."""
-        copies, sources = [], {}
-        by_var = {members[0]: j for j, (_, _, members) in enumerate(self._groups) if j in prepared.bindings.arguments}
-        for grad, var in order:
-            i = self._index[id(var)]
-            j = by_var.get(i)
-            if j is not None:
-                sources[j] = grad if flat.in_place(grad) else None
-                if sources[j] is not None:
-                    continue
-            copies.append((self._grad_buffers[(i, None)]["grads"], grad))
-        prepared.args = prepared.bindings.bind(sources)
-        return copies
 
     def _group_step_device(self, params):
         """The device a flat step over ``params`` parameters runs on (see TASK_MIN_PARAMS)."""

@@ -56,6 +56,7 @@ class PreparedStep:
         self.hyper = None              # the buffer its scalars go to, if not the optimizer's own
         self.norms = None              # a chain that is given its gradients' norms: the clip mode
         self.bindings = None           # group steps with own groups: flat.GradientBindings/ChainBindings
+        self.own_of = {}               # a step over slices: {variable index: the own group bound in place}
 
 
 class _Timeline:

@@ -379,7 +379,7 @@ class Optimizer(GroupSteps, Training):
             spec = self._spec_for(indices, buckets)
             grad_buffers = [self._gradient_buffers(i, v, spec) for i, v in zip(indices, spec.variables)]
             buffers = self._step_buffers(spec, indices, grad_buffers)
-            if self._groups is not None and self._artifact is None and all(b is None for b in buckets):
+            if self._groups is not None and self._artifact is None:
                 self._prepared[key] = self._prepare_slices(spec, indices, buffers, grad_buffers)
             else:
                 self._prepared[key] = self._prepared_step(spec, buffers, grad_buffers)
@@ -487,15 +487,20 @@ class Optimizer(GroupSteps, Training):
         if groups:
             copies = self._stage_groups(prepared, order)
             order = ()
-        elif prepared.bindings is not None:
-            copies = self._stage_slices(prepared, order)
-            order = ()
+        sources = {}                 # a step over slices: {own group: its gradient where it lies, or None}
         for (grad, _), i, staging in zip(order, indices, prepared.grad_buffers):
+            if i in prepared.own_of:
+                j = prepared.own_of[i]
+                sources[j] = grad if flat.in_place(grad) else None
+                if sources[j] is not None:
+                    continue
             arrays = grad.arrays() if isinstance(grad, sparse.SparseGradient) else {"grads": grad}
             if "stale" in staging:
                 arrays["stale"] = self._stale_rows(i, grad.bucket)
                 scratch_rows[i] = grad.indices[:grad.count]
             copies += [(staging[kind], array) for kind, array in arrays.items()]
+        if sources:
+            prepared.args = prepared.bindings.bind(sources)
         flat.copy_in(copies)
         # variables without a gradient in a group step: their state, written back after it
         saved = [(host, host.copy()) for host in self._untouched(indices)] if groups else ()
