@@ -10,11 +10,10 @@ a call (one dispatch per variable costs compile time, not step time).  A
 call like a remembered one (same variables, same order, plain float arrays) takes a
 short path that checks and stages it in one pass.
 """
+from dataclasses import replace
 from operator import attrgetter
 
 import numpy as np
-
-from dataclasses import replace
 
 from ..kernels.step import VarSpec, dynamic_spec, size_of, slot_dtype
 from .cache import step_module
@@ -43,6 +42,14 @@ _NDARRAY = {np.ndarray}
 _ZERO = np.zeros((), np.float32)
 
 _shape, _dtype = attrgetter("shape"), attrgetter("dtype")
+
+
+def _norms_given(spec):
+    return replace(spec, norms="given")
+
+
+def _as_it_is(spec):
+    return spec
 
 
 class GroupSteps:
@@ -135,11 +142,11 @@ class GroupSteps:
         return self._structure([VarSpec(self._group_buffers["params"][j].shape, self._groups[j][0]) for j in groups],
                                [not self._groups[j][1] for j in groups])
 
-    def _call_buffers(self, spec, groups, device, hyper=None):
+    def _call_buffers(self, spec, groups, device, hyper=None, norms=None):
         """The buffers of a step over ``groups`` (``spec``'s variable ``k`` is ``groups[k]``),
-        its scalars in ``hyper`` (default the optimizer's)."""
+        its scalars in ``hyper`` (default the optimizer's), given norms in ``norms[group]``."""
         hyper = self._hyper_buffer if hyper is None else hyper
-        return [flat.on_device(hyper if kind == "hyper" else self._own_norms[groups[k]] if kind == "sumsq"
+        return [flat.on_device(hyper if kind == "hyper" else norms[groups[k]] if kind == "sumsq"
                                else self._group_buffers[kind][groups[k]], device)
                 for kind, k, _, _ in spec.arguments()]
 
@@ -173,14 +180,11 @@ class GroupSteps:
         variables are updated through their slices, each clipped by its own norm in the step."""
         device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
         clip = self._clip()[0]
-        if clip in ("clipnorm", "global_clipnorm"):
-            form = lambda spec: replace(spec, norms="given")      # noqa: E731
-        else:
-            form = lambda spec: spec                              # noqa: E731
+        form = _norms_given if clip in ("clipnorm", "global_clipnorm") else _as_it_is
         hyper = None
         if clip == "global_clipnorm":
             hyper = flat.host_buffer(device, (len(form(self._empty_spec()).scalars),), "float32")
-        self._own_norms = {j: flat.host_buffer(device, (), "float32") for j in self._own_groups}
+        norms = {j: flat.host_buffer(device, (), "float32") for j in self._own_groups} if clip == "clipnorm" else {}
         calls = []                  # (spec, buffers, the groups of its variables: [] for slices)
         others = [j for j in range(len(self._groups)) if j not in self._own_groups]
         if others and clip == "clipnorm":
@@ -194,7 +198,7 @@ class GroupSteps:
             by_decay.setdefault(self._groups[j][1], []).append(j)
         for k, own in enumerate(by_decay.values()):
             for groups, spec in self._chain_links(others if k == 0 else [], own, form):
-                calls.append((spec, self._call_buffers(spec, groups, device, hyper), groups))
+                calls.append((spec, self._call_buffers(spec, groups, device, hyper, norms), groups))
         chain, bindings = StepChain(device), []
         for spec, buffers, groups in calls:
             module = step_module(spec, device)
@@ -202,27 +206,28 @@ class GroupSteps:
             bindings.append(flat.GradientBindings(module, buffers, own, chain.add(module)))
         prepared = PreparedStep(calls[0][0], chain, None, [buffers for _, buffers, _ in calls],
                                 [self._grad_buffers[(i, None)] for i in indices])
-        prepared.hyper = hyper
+        prepared.hyper, prepared.own_norms = hyper, norms
         prepared.norms = clip if clip in ("clipnorm", "global_clipnorm") else None
         prepared.bindings = flat.ChainBindings(bindings)
         prepared.args = prepared.bindings.bind(dict.fromkeys(self._own_groups))
         return prepared
 
-    def _host_norms(self, prepared, hyper):
+    def _host_norms(self, prepared, scalars):
         """Before a chain step that clips by a norm (``prepared.norms``), with its gradients
         staged or bound: the squared norms of its gradients, computed where they lie
-        (``flat.squared_norms``), into the own groups' scalar
-        buffers (clipnorm) or, summed over every group (the staging of the others, padding
-        and variables without a gradient being zeros), into ``hyper`` (global_clipnorm)."""
+        (``flat.squared_norms``), into the own groups' scalar buffers (clipnorm:
+        ``prepared.own_norms``) or, summed over every group (the staging of the others,
+        padding and variables without a gradient being zeros), into the step's ``scalars``
+        (global_clipnorm)."""
         bound = prepared.bindings.bound
         own = list(self._own_groups)
         arrays = [self._group_buffers["grads"][j].host if bound[j] is None else bound[j].host for j in own]
         if prepared.norms == "clipnorm":
             for j, value in zip(own, flat.squared_norms(arrays)):
-                self._own_norms[j].host[...] = value
+                prepared.own_norms[j].host[...] = value
             return
         arrays += [self._group_buffers["grads"][j].host for j in range(len(self._groups)) if j not in self._own_groups]
-        hyper[prepared.spec.scalars.index("sumsq")] = sum(flat.squared_norms(arrays))
+        scalars[prepared.spec.scalars.index("sumsq")] = sum(flat.squared_norms(arrays))
 
     def _chain_links(self, others, own, form):
         """(groups, spec) of each call of a chain over the groups ``others`` (one static

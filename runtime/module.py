@@ -55,6 +55,7 @@ class PreparedStep:
         self.verified = False
         self.hyper = None              # the buffer its scalars go to, if not the optimizer's own
         self.norms = None              # a chain that is given its gradients' norms: the clip mode
+        self.own_norms = {}            # its scalar buffer of each own group's norm (clipnorm)
         self.bindings = None           # group steps with own groups: flat.GradientBindings/ChainBindings
         self.own_of = {}               # a step over slices: {variable index: the own group bound in place}
 

@@ -515,3 +515,24 @@ def test_the_norm_of_a_large_gradient_is_summed_to_float32_rounding(kwargs, n):
     opt.apply_gradients([(grad, var)])
     ref.step([grad])
     np.testing.assert_allclose(opt._slots["m"][0].numpy(), ref.m[0], rtol=1e-6, atol=0)
+
+
+def test_a_chain_follows_its_clipping_when_it_changes_between_steps():
+    """Each clipping setting has its own chain (compiled once, kept); switching back and forth
+    between them, each chain is given the norms of this step's gradients."""
+    shapes = [(N + 3 * k,) for k in range(10)] + [(7, 3)]
+    rng, variables, _, _ = _model(41, shapes)
+    opt = ireeopt.Adam(learning_rate=0.01, clipnorm=1.0)
+    ref = Reference("adam", [v.numpy() for v in variables], [v.name for v in variables], learning_rate=0.01,
+                    clipnorm=1.0)
+    for step, (clipnorm, global_clipnorm) in enumerate([(1.0, None), (None, 2.0), (0.5, None), (None, None),
+                                                        (None, 1.0), (1.0, None)]):
+        opt.clipnorm, opt.global_clipnorm = clipnorm, global_clipnorm
+        ref.clipnorm, ref.global_clipnorm = clipnorm, global_clipnorm
+        grads = [rng.standard_normal(s).astype(np.float32) * (1 + 20 * (step % 2)) for s in shapes]
+        opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+        for k, want in enumerate(ref.m):
+            np.testing.assert_allclose(opt._slots["m"][k].numpy(), want, rtol=2e-5, atol=2e-6 * np.abs(want).max(),
+                                       err_msg=f"{variables[k].name} at step {step}")
+    assert len(opt._prepared) == 3 and all(p.module.__class__.__name__ == "StepChain" for p in opt._prepared.values())
