@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -135,7 +136,33 @@ def _isolated(name, total, count, budget_s, sparse=None):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(sizes, tensors, devices, peers, budget_s, log=print):
+def _rounds(names, processes, measure_one):
+    """{name: result} of ``measure_one(name)`` (``_isolated``), each name in ``processes``
+    fresh processes, taken in rounds (every name once, then again) so that a slow spell of
+    the host falls on all of them; ``ms`` is the median of the processes' medians, each
+    kept in ``process_ms`` (one process of the same code can be 2x slower than the next)."""
+    runs = {name: [] for name in names}
+    for _ in range(processes):
+        for name in names:
+            if runs[name] and "skipped" in runs[name][0]:
+                continue
+            runs[name].append(measure_one(name))
+    out = {}
+    for name, results in runs.items():
+        if "skipped" in results[0]:
+            out[name] = results[0]
+            continue
+        times = [r["ms"] for r in results]
+        out[name] = {"ms": float(statistics.median(times)), "process_ms": times, "setup_s": results[0]["setup_s"]}
+    return out
+
+
+def _spread(result):
+    times = result["process_ms"]
+    return f" (processes {min(times):.3f}-{max(times):.3f})" if len(times) > 1 else ""
+
+
+def run(sizes, tensors, devices, peers, budget_s, log=print, processes=1):
     bandwidth = copy_bandwidth()
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (roofline: {BYTES_PER_PARAM} bytes/param)")
     rows = []
@@ -144,8 +171,9 @@ def run(sizes, tensors, devices, peers, budget_s, log=print):
             scenario = f"{count} tensor{'s' if count > 1 else ''}, {total:,} params"
             row = {"params": total, "tensors": count, "roofline_ms": BYTES_PER_PARAM * total / bandwidth * 1e3,
                    "results": {}, "skipped": {}}
-            for name in [f"ireeopt {d}" for d in devices] + list(peers):
-                result = _isolated(name, total, count, budget_s)
+            names = [f"ireeopt {d}" for d in devices] + list(peers)
+            measured = _rounds(names, processes, lambda name: _isolated(name, total, count, budget_s))
+            for name, result in measured.items():
                 if "skipped" in result:
                     row["skipped"][name] = result["skipped"]
                     log(f"  {scenario:30s} {name:20s} skipped: {result['skipped']}")
@@ -153,12 +181,12 @@ def run(sizes, tensors, devices, peers, budget_s, log=print):
                 result["roofline_fraction"] = row["roofline_ms"] / result["ms"]
                 row["results"][name] = result
                 log(f"  {scenario:30s} {name:20s} {result['ms']:9.3f} ms/step "
-                    f"({result['roofline_fraction']:6.1%} of roofline; setup {result['setup_s']:.1f} s)")
+                    f"({result['roofline_fraction']:6.1%} of roofline; setup {result['setup_s']:.1f} s){_spread(result)}")
             rows.append(row)
     return {"bandwidth_bytes_per_s": bandwidth, "rows": rows}
 
 
-def run_sparse(rows, width, ks, devices, peers, budget_s, log=print):
+def run_sparse(rows, width, ks, devices, peers, budget_s, log=print, processes=1):
     """The sparse embedding scenario: Adam (dense-equivalent) and Adamax (lazy) on a
     ``rows x width`` table with IndexedSlices of k random rows, per ireeopt device, next to
     the sparse peers (torch SparseAdam is lazy Adam)."""
@@ -166,14 +194,14 @@ def run_sparse(rows, width, ks, devices, peers, budget_s, log=print):
     names = [f"ireeopt {d} {o}" for d in devices for o in ("Adam", "Adamax")] + list(peers)
     for k in ks:
         row = {"rows": rows, "width": width, "k": k, "results": {}, "skipped": {}}
-        for name in names:
-            result = _isolated(name, 1, 1, budget_s, [rows, width, k])
+        measured = _rounds(names, processes, lambda name: _isolated(name, 1, 1, budget_s, [rows, width, k]))
+        for name, result in measured.items():
             if "skipped" in result:
                 row["skipped"][name] = result["skipped"]
                 log(f"  sparse {rows:,} x {width}, k={k:<7,} {name:26s} skipped: {result['skipped']}")
                 continue
             row["results"][name] = result
-            log(f"  sparse {rows:,} x {width}, k={k:<7,} {name:26s} {result['ms']:9.3f} ms/step")
+            log(f"  sparse {rows:,} x {width}, k={k:<7,} {name:26s} {result['ms']:9.3f} ms/step{_spread(result)}")
         out.append(row)
     return out
 
@@ -236,7 +264,9 @@ def main(argv=None):
     parser.add_argument("--peers", default=",".join(PEERS), help="peers to time (those installed)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per implementation and scenario")
     parser.add_argument("--output", default="ireeopt_bench", help="prefix of the JSON and PNG files")
-    parser.add_argument("--quick", action="store_true", help="small sizes only (2^16, 2^20), short budget")
+    parser.add_argument("--quick", action="store_true", help="small sizes only (2^16, 2^20), short budget, one process")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="fresh processes per implementation and scenario, in rounds; the median of theirs is reported")
     parser.add_argument("--sparse-ks", default="256,4096",
                         help="rows per IndexedSlices gradient in the sparse embedding scenario ('' skips it)")
     parser.add_argument("--sparse-table", default="1000000x64", help="its table, ROWSxWIDTH")
@@ -261,15 +291,19 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown peers {unknown}; known: {list(PEERS)}")
     budget = 0.2 if args.quick else args.budget
-    report = run(sizes, tensors, devices, peers, budget, log=lambda line: print(line, flush=True))
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1, got {args.processes}")
+    processes = 1 if args.quick else args.processes
+    report = run(sizes, tensors, devices, peers, budget, log=lambda line: print(line, flush=True), processes=processes)
     report["sparse"] = run_sparse(sparse_rows, sparse_width, sparse_ks, devices, sparse_peers, budget,
-                                  log=lambda line: print(line, flush=True)) if sparse_ks else []
+                                  log=lambda line: print(line, flush=True), processes=processes) if sparse_ks else []
+    report["processes"] = processes
     report.update(machine=_machine(), versions=_versions(), commit=_commit(),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   optimizer="Adam(learning_rate=1e-3)")
     print()
     print(f"Adam step, median ms ({report['machine']['cpu']}, {report['machine']['cores']} cores, "
-          f"copy bandwidth {report['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+          f"copy bandwidth {report['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; median of {processes} process(es) each)")
     print(table(report))
     if report["sparse"]:
         print("\nSparse embedding step (IndexedSlices of k random rows), median ms")

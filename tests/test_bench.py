@@ -7,7 +7,8 @@ def test_bench_runs_and_reports(tmp_path):
     out = tmp_path / "report"
     done = subprocess.run(["ireeopt", "bench", "--sizes", "4096", "--tensors", "1,3", "--devices", "local-sync",
                            "--peers", "", "--budget", "0.05", "--sparse-table", "1000x8", "--sparse-ks", "16",
-                           "--sparse-peers", "", "--output", str(out)], capture_output=True, text=True)
+                           "--sparse-peers", "", "--processes", "2", "--output", str(out)], capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
     assert "| 3 × 1,365 |" in done.stdout and "roofline" in done.stdout
     assert "| 1,000 × 8, k = 16 |" in done.stdout
@@ -16,6 +17,10 @@ def test_bench_runs_and_reports(tmp_path):
                                                                            (3, ["ireeopt local-sync"])]
     assert report["bandwidth_bytes_per_s"] > 0 and report["versions"]["iree-base-runtime"] == "3.13.0"
     assert all(r["results"]["ireeopt local-sync"]["ms"] > 0 for r in report["rows"])
+    for r in report["rows"]:          # two processes each, the median of their medians reported
+        result = r["results"]["ireeopt local-sync"]
+        assert len(result["process_ms"]) == 2 and result["ms"] == sum(result["process_ms"]) / 2
+    assert report["processes"] == 2 and "median of 2 process(es)" in done.stdout
     (sparse,) = report["sparse"]
     assert sorted(sparse["results"]) == ["ireeopt local-sync Adam", "ireeopt local-sync Adamax"]
 
