@@ -503,7 +503,8 @@ class Optimizer(GroupSteps, Training):
             prepared.args = prepared.bindings.bind(sources)
         flat.copy_in(copies)
         # variables without a gradient in a group step: their state, written back after it
-        saved = [(host, host.copy()) for host in self._untouched(indices)] if groups else ()
+        saved = [(host, host.copy()) for host in self._untouched(indices)] \
+            if groups and len(indices) < len(self._vars) else ()
         try:
             self._run_prepared(prepared, hyper, scratch_rows)
         finally:
