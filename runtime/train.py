@@ -83,6 +83,7 @@ class _PreparedTrain:
         self.args = module.arguments(buffers)
         self.gradients = gradients
         self.verified = False
+        self.hyper = self.norms = None     # (what Optimizer._run_prepared reads of a PreparedStep)
 
 
 class Training:
