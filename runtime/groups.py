@@ -248,8 +248,12 @@ class GroupSteps:
         """A step over the slices of the variables ``indices`` (one over some variables, with
         sparse gradients, or clipping each variable by its own norm), run as a group step is:
         on local-task from TASK_MIN_PARAMS parameters, and with the dense gradient of each
-        variable that has a group of its own bound where it lies (``prepared.own_of``)."""
-        device = self._group_step_device(sum(size_of(self._vars[i].shape) for i in indices))
+        variable that has a group of its own bound where it lies (``prepared.own_of``).  A
+        lazy (Adamax) sparse gradient counts the rows it updates, not its table: 1M x 64,
+        k = 4,096, 7.3 ms on local-sync against 8.3 on local-task."""
+        lazy = spec.optimizer == "adamax"
+        device = self._group_step_device(sum(v.sparse * size_of(v.shape[1:]) if lazy and v.sparse else size_of(v.shape)
+                                             for v in spec.variables))
         buffers = [flat.on_device(b, device) for b in buffers]
         prepared = self._prepared_step(spec, buffers, grad_buffers, device)
         own = {members[0]: j for j, (_, _, members) in enumerate(self._groups) if j in self._own_groups}

@@ -221,17 +221,18 @@ def test_adam_scratch_rows_are_cleared_when_indices_move_and_buckets_shrink():
     assert set(np.nonzero(scratch.any(axis=1))[0]) <= set(steps[-1][0].indices)
 
 
-@pytest.mark.parametrize("kind", ["adam", "adamax"])
-def test_a_large_table_with_a_dense_neighbour_steps_on_local_task(kind):
+@pytest.mark.parametrize("kind,driver", [("adam", "local-task"), ("adamax", "local-sync")])
+def test_a_large_table_with_a_dense_neighbour_steps_on_local_task(kind, driver):
     """A step with a sparse gradient over 2^19 parameters or more runs on local-task (as a
     group step would), with the large dense neighbour's gradient bound where it lies; it
-    matches the reference."""
+    matches the reference.  Lazy Adamax counts the rows it updates (300 x 64 here), so it
+    stays on local-sync."""
     rows, width = 9000, 64                                  # 576,000 parameters
     rng = np.random.default_rng(5)
     steps = [[_slices(rng, 300, rows, (width,)), rng.standard_normal(20_000).astype(np.float32)]
              for _ in range(3)]
     opt, _ = _check_against_reference(kind, {"learning_rate": 0.01}, steps, [(rows, width), (20_000,)])
     (prepared,) = [p for key, p in opt._prepared.items() if key[0] != "groups"]
-    assert prepared.module.loaded.device.driver == "local-task"
+    assert prepared.module.loaded.device.driver == driver
     assert prepared.own_of == {1: next(iter(prepared.bindings.arguments))}
     assert [b.host.ctypes.data for b in prepared.bindings.bound.values()] == [steps[-1][1].ctypes.data]
