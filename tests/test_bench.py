@@ -29,3 +29,10 @@ def test_bench_rejects_unknown_peers(tmp_path):
     done = subprocess.run(["ireeopt", "bench", "--peers", "mxnet", "--output", str(tmp_path / "x")],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "mxnet" in done.stderr
+
+
+def test_bench_rejects_fewer_than_one_process(tmp_path):
+    done = subprocess.run(["ireeopt", "bench", "--processes", "0", "--output", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "--processes must be at least 1" in done.stderr
+    assert not (tmp_path / "x.json").exists()
