@@ -128,15 +128,19 @@ class GroupSteps:
         own groups."""
         return self.jit_compile and len(self._own_groups) > CHAIN_MIN_GROUPS
 
-    def _prepare_groups(self, indices):
+    def _prepare_groups(self):
         """The ``PreparedStep`` that updates every variable through the group buffers (its
         own groups' gradients bound per step: ``flat.GradientBindings``), or a
         ``_prepare_chain`` one (``_chained``)."""
         key = ("groups",) + self._structure_key()
         if key not in self._prepared:
-            prepared = self._prepare_chain(indices) if self._chained() else self._prepare_group_step(indices)
+            prepared = self._prepare_chain() if self._chained() else self._prepare_group_step()
             self._prepared[key] = prepared
         return self._prepared[key]
+
+    def _all_staging(self):
+        """The gradient staging of every variable, in order (what a group step fills)."""
+        return [self._grad_buffers[(i, None)] for i in range(len(self._vars))]
 
     def _group_spec(self, groups):
         return self._structure([VarSpec(self._group_buffers["params"][j].shape, self._groups[j][0]) for j in groups],
@@ -156,19 +160,19 @@ class GroupSteps:
         return {groups[k]: a for a, (kind, k, _, _) in enumerate(spec.arguments())
                 if kind == "grads" and groups[k] in own}
 
-    def _prepare_group_step(self, indices):
+    def _prepare_group_step(self):
         """One compiled step over all groups, one dispatch each."""
         groups = list(range(len(self._groups)))
         spec = self._group_spec(groups)
         device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
         buffers = self._call_buffers(spec, groups, device)
-        prepared = self._prepared_step(spec, buffers, [self._grad_buffers[(i, None)] for i in indices], device)
+        prepared = self._prepared_step(spec, buffers, self._all_staging(), device)
         if self._own_groups and prepared.module is not None:
             prepared.bindings = flat.GradientBindings(prepared.module, buffers,
                                                       self._own_arguments(spec, groups, self._own_groups))
         return prepared
 
-    def _prepare_chain(self, indices):
+    def _prepare_chain(self):
         """The other groups' step (if any), then the own groups, CHAIN_WIDTH (or 4, 2, 1) a
         call of a step compiled for 1-D float32 variables of any length, as one
         ``StepChain``; ``prepared.args`` is the argument list of each call.
@@ -204,8 +208,7 @@ class GroupSteps:
             module = step_module(spec, device)
             own = self._own_arguments(spec, groups, self._own_groups) if groups else {}
             bindings.append(flat.GradientBindings(module, buffers, own, chain.add(module)))
-        prepared = PreparedStep(calls[0][0], chain, None, [buffers for _, buffers, _ in calls],
-                                [self._grad_buffers[(i, None)] for i in indices])
+        prepared = PreparedStep(calls[0][0], chain, None, [buffers for _, buffers, _ in calls], self._all_staging())
         prepared.hyper, prepared.own_norms = hyper, norms
         prepared.norms = clip if clip in ("clipnorm", "global_clipnorm") else None
         prepared.bindings = flat.ChainBindings(bindings)
@@ -256,7 +259,7 @@ class GroupSteps:
                                              for v in spec.variables))
         buffers = [flat.on_device(b, device) for b in buffers]
         prepared = self._prepared_step(spec, buffers, grad_buffers, device)
-        own = {members[0]: j for j, (_, _, members) in enumerate(self._groups) if j in self._own_groups}
+        own = {i: j for j, i in self._own_groups.items()}     # variable -> its own group
         arguments = {own[indices[k]]: a for a, (kind, k, _, _) in enumerate(spec.arguments())
                      if kind == "grads" and indices[k] in own}
         if arguments and prepared.module is not None:

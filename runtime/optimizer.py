@@ -289,7 +289,7 @@ class Optimizer(GroupSteps, Training):
             try:
                 everything = tuple(range(len(var_list)))
                 if self._groups_apply(everything, (None,) * len(var_list)):
-                    self._prepare_groups(everything)
+                    self._prepare_groups()
                 else:
                     self._prepare(everything, (None,) * len(var_list))
             except BaseException:
@@ -478,7 +478,7 @@ class Optimizer(GroupSteps, Training):
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
         groups = self._groups_apply(indices, buckets)
         if groups:
-            prepared = self._prepare_groups(tuple(range(len(self._vars))))
+            prepared = self._prepare_groups()
         else:
             prepared = self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)

@@ -24,6 +24,7 @@ from ..compiler.targets import target_flags
 from ..kernels.train import flatten_batch
 from .cache import traced_module
 from .device import is_real
+from .module import PreparedStep
 from .sparse import IndexedSlices
 
 INT32 = np.iinfo(np.int32)
@@ -73,17 +74,16 @@ def unique_in_order(ids, size):
     return indices, len(unique), rank[inverse.reshape(-1)].astype(np.int32)
 
 
-class _PreparedTrain:
-    """One compiled train step (or gradient function) over persistent buffers."""
+class _PreparedTrain(PreparedStep):
+    """One compiled train step (or gradient function) over persistent buffers: a
+    ``PreparedStep`` (``spec.donated``: the in-place check of its first call) whose inputs
+    are staged from the batch (``staging``)."""
 
     def __init__(self, tspec, module, buffers, staging, order, gradients=False):
-        self.tspec = self.spec = tspec       # ``spec.donated``: the in-place check of the first call
-        self.module, self.buffers, self.staging = module, buffers, staging
+        super().__init__(tspec, module, module.arguments(buffers), buffers, None)
+        self.tspec, self.staging = tspec, staging
         self.order = order                 # optimizer index of each var_list entry
-        self.args = module.arguments(buffers)
         self.gradients = gradients
-        self.verified = False
-        self.hyper = self.norms = None     # (what Optimizer._run_prepared reads of a PreparedStep)
 
 
 class Training:

@@ -8,6 +8,7 @@ import pytest
 import ireeopt
 from ireeopt.kernels.step import size_of
 from ireeopt.runtime import flat
+from ireeopt.runtime.module import StepChain
 
 from .reference import Reference
 
@@ -535,4 +536,4 @@ def test_a_chain_follows_its_clipping_when_it_changes_between_steps():
         for k, want in enumerate(ref.m):
             np.testing.assert_allclose(opt._slots["m"][k].numpy(), want, rtol=2e-5, atol=2e-6 * np.abs(want).max(),
                                        err_msg=f"{variables[k].name} at step {step}")
-    assert len(opt._prepared) == 3 and all(p.module.__class__.__name__ == "StepChain" for p in opt._prepared.values())
+    assert len(opt._prepared) == 3 and all(isinstance(p.module, StepChain) for p in opt._prepared.values())
