@@ -17,6 +17,7 @@ import numpy as np
 
 from ..kernels.step import VarSpec, dynamic_spec, size_of, slot_dtype
 from .cache import step_module
+from .cores import FormChoice, cores_taken
 from .device import Device
 from . import flat
 from .module import PreparedStep, StepChain
@@ -131,12 +132,32 @@ class GroupSteps:
     def _prepare_groups(self):
         """The ``PreparedStep`` that updates every variable through the group buffers (its
         own groups' gradients bound per step: ``flat.GradientBindings``), or a
-        ``_prepare_chain`` one (``_chained``)."""
+        ``_prepare_chain`` one (``_chained``).  One that device ``cpu`` runs on local-task
+        has a twin on the calling thread (local-sync, over the same memory), which may run
+        the step while other threads of the process are running (``_form``)."""
         key = ("groups",) + self._structure_key()
         if key not in self._prepared:
-            prepared = self._prepare_chain() if self._chained() else self._prepare_group_step()
+            build = self._prepare_chain if self._chained() else self._prepare_group_step
+            params = sum(g.shape[0] for g in self._group_buffers["params"])
+            device = self._group_step_device(params)
+            prepared = build(device)
+            if device is not self._device and prepared.module is not None:
+                prepared.twin, prepared.choice = build(self._device), FormChoice()
+                self._twinned = True
             self._prepared[key] = prepared
         return self._prepared[key]
+
+    def _form(self, prepared, since):
+        """The form of ``prepared`` that runs this step: itself or, when other threads of
+        the process were busy ``since`` (a ``cores.sample`` at the start of the call, or
+        None: ``cores.cores_taken``), whichever of it and its twin has been faster then
+        (``cores.FormChoice``); ``prepared.timed`` says which, for ``_run_prepared`` to time."""
+        if prepared.twin is None or since is None or not cores_taken(since):
+            return prepared
+        form = prepared.choice.pick()
+        chosen = prepared.twin if form else prepared
+        chosen.timed = (prepared.choice, form)
+        return chosen
 
     def _all_staging(self):
         """The gradient staging of every variable, in order (what a group step fills)."""
@@ -160,11 +181,10 @@ class GroupSteps:
         return {groups[k]: a for a, (kind, k, _, _) in enumerate(spec.arguments())
                 if kind == "grads" and groups[k] in own}
 
-    def _prepare_group_step(self):
-        """One compiled step over all groups, one dispatch each."""
+    def _prepare_group_step(self, device):
+        """One compiled step over all groups, one dispatch each, on ``device``."""
         groups = list(range(len(self._groups)))
         spec = self._group_spec(groups)
-        device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
         buffers = self._call_buffers(spec, groups, device)
         prepared = self._prepared_step(spec, buffers, self._all_staging(), device)
         if self._own_groups and prepared.module is not None:
@@ -172,17 +192,16 @@ class GroupSteps:
                                                       self._own_arguments(spec, groups, self._own_groups))
         return prepared
 
-    def _prepare_chain(self):
+    def _prepare_chain(self, device):
         """The other groups' step (if any), then the own groups, CHAIN_WIDTH (or 4, 2, 1) a
         call of a step compiled for 1-D float32 variables of any length, as one
-        ``StepChain``; ``prepared.args`` is the argument list of each call.
+        ``StepChain`` on ``device``; ``prepared.args`` is the argument list of each call.
 
         Clipping by a norm: the norms of the gradients, which lie in host memory, are
         computed on the host (``_host_norms``) and given to the steps (``norms="given"``):
         under global_clipnorm their total, a scalar of the chain's own hyper vector; under
         clipnorm each own group's, a scalar buffer of its own, while the other groups'
         variables are updated through their slices, each clipped by its own norm in the step."""
-        device = self._group_step_device(sum(g.shape[0] for g in self._group_buffers["params"]))
         clip = self._clip()[0]
         form = _norms_given if clip in ("clipnorm", "global_clipnorm") else _as_it_is
         hyper = None
@@ -308,10 +327,11 @@ class GroupSteps:
             self._structure_key(), prepared, [v.shape for v in variables], copied, bound,
             sum(host.nbytes for _, host in copied), variables)
 
-    def _apply_repeat(self, pairs):
+    def _apply_repeat(self, pairs, since=None):
         """A dense flat step for the same variables, in the same order, as a remembered one,
         with plain float arrays of their shapes: checked and staged with a few passes in C
-        over all pairs (the general path sorts, groups and re-checks every pair).  Returns
+        over all pairs (the general path sorts, groups and re-checks every pair); ``since``:
+        the call's ``cores.sample`` (``_form``).  Returns
         False, having changed nothing, for anything else (the general path then handles, or
         rejects, the call)."""
         try:
@@ -336,6 +356,7 @@ class GroupSteps:
                 copies.append((host, grad))
                 nbytes += host.nbytes
         lr = self._step_lr()
+        prepared = self._form(prepared, since)
         hyper = self._constants(prepared.spec, lr)
         if sources:
             prepared.args = prepared.bindings.bind(sources)

@@ -58,6 +58,9 @@ class PreparedStep:
         self.own_norms = {}            # its scalar buffer of each own group's norm (clipnorm)
         self.bindings = None           # group steps with own groups: flat.GradientBindings/ChainBindings
         self.own_of = {}               # a step over slices: {variable index: the own group bound in place}
+        self.twin = None               # the same step on the calling thread (runtime/cores.py)
+        self.choice = None             # its cores.FormChoice
+        self.timed = None              # (FormChoice, form) when this step's duration is to be recorded
 
 
 class _Timeline:

@@ -7,6 +7,7 @@ module, which updates parameters, slots and EMA averages in place.
 """
 import numbers
 import re
+import time
 import warnings
 
 import numpy as np
@@ -18,7 +19,7 @@ from ..kernels import schedules
 from ..kernels.step import StepSpec, VarSpec, slot_dtype
 from .cache import step_module
 from .device import is_real, numpy_dtype
-from . import flat, sparse
+from . import cores, flat, sparse
 from .groups import GroupSteps
 from .module import PreparedStep
 from .train import Training
@@ -110,6 +111,7 @@ class Optimizer(GroupSteps, Training):
         self._iterations = 0
         self._device_calls = 0       # compiled-module invocations (see device_calls)
         self._repeat_steps = {}
+        self._twinned = False
         self._artifact = None
         self.built = False
         self._vars = []
@@ -283,6 +285,7 @@ class Optimizer(GroupSteps, Training):
         self._scratch_rows = {}      # variable index -> rows its scratch table holds (host copy)
         self._device, self._prepared, self._train_steps = device, {}, {}
         self._repeat_steps = {}      # variable ids -> a remembered dense flat step (_apply_repeat)
+        self._twinned = False        # a group step has a twin on the calling thread (groups._form)
         self._decay_excluded = excluded
         self.built = True
         if self.jit_compile and compile_step:
@@ -456,8 +459,9 @@ class Optimizer(GroupSteps, Training):
         """Apply one step (spec §1) with numpy gradients; returns ``iterations``.
 
         Everything is checked on the host first: a failing call changes nothing."""
+        since = cores.sample() if self._twinned else None     # (which form runs the step: _form)
         grads_and_vars = grads_and_vars if type(grads_and_vars) in (list, tuple) else list(grads_and_vars)
-        if self._repeat_steps and self._apply_repeat(grads_and_vars):
+        if self._repeat_steps and self._apply_repeat(grads_and_vars, since):
             return self.iterations
         pairs = self._validate_pairs(grads_and_vars)
         given = [(g, v) for g, v in pairs if g is not None]
@@ -478,7 +482,8 @@ class Optimizer(GroupSteps, Training):
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
         groups = self._groups_apply(indices, buckets)
         if groups:
-            prepared = self._prepare_groups()
+            step = self._prepare_groups()
+            prepared = self._form(step, since)
         else:
             prepared = self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)
@@ -512,7 +517,7 @@ class Optimizer(GroupSteps, Training):
                 host[...] = value
         if groups and prepared.module is not None and len(indices) == len(pairs) == len(self._vars) and \
                 all(type(g) is np.ndarray for g, _ in pairs):
-            self._remember_repeat(grads_and_vars, prepared)
+            self._remember_repeat(grads_and_vars, step)
         return self.iterations
 
     def _run_prepared(self, prepared, hyper, scratch_rows=None):
@@ -524,8 +529,14 @@ class Optimizer(GroupSteps, Training):
         self._device.wait()          # staged devices: every input copy queued before has landed
         if prepared.module is None:
             self._run_eager(prepared.spec, prepared.buffers)
+        elif prepared.timed is not None:       # a form picked while other threads ran (cores.py)
+            (choice, form), prepared.timed = prepared.timed, None
+            start = time.perf_counter()
+            results = prepared.module(prepared.args)
+            choice.record(form, time.perf_counter() - start)
         else:
             results = prepared.module(prepared.args)
+        if prepared.module is not None:
             self._device_calls += 1
             if not prepared.verified:
                 self._verify_in_place(prepared, results)

@@ -1,0 +1,124 @@
+"""Steps on device "cpu" while other threads of the process are busy (runtime/cores.py):
+such a step may run on the calling thread (its twin on local-sync) instead of local-task,
+whichever has been faster then, and either form gives the reference's values."""
+import hashlib
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import ireeopt
+from ireeopt.runtime import cores
+from ireeopt.runtime.groups import TASK_MIN_PARAMS
+
+from .reference import Reference
+
+_DATA = bytes(range(256)) * (1 << 17)          # 32 MiB: hashing it takes tens of ms, GIL released
+
+
+class _Busy:
+    """Threads that keep all cores but one busy (hashing releases the GIL) until ``stop``."""
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(max(cores.CORES - 1, 1))]
+        for t in self._threads:
+            t.start()
+        time.sleep(0.05)
+
+    def _work(self):
+        while not self._stop.is_set():
+            hashlib.sha256(_DATA).digest()
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+@pytest.fixture
+def relisted(monkeypatch):
+    """The process's threads are listed at every sample (not once a second)."""
+    monkeypatch.setattr(cores, "RELIST_S", 0.0)
+
+
+def test_cores_taken_follows_the_other_threads(relisted):
+    since = cores.sample()
+    time.sleep(0.02)
+    assert not cores.cores_taken(since)
+    busy = _Busy()
+    try:
+        since = cores.sample()
+        time.sleep(0.02)
+        assert cores.cores_taken(since)
+        since = cores.sample()
+        x = 0
+        for i in range(200_000):           # the caller's own work is not counted, the others' is
+            x += i
+        assert cores.cores_taken(since)
+    finally:
+        busy.stop()
+    since = cores.sample()
+    time.sleep(0.02)
+    assert not cores.cores_taken(since)
+
+
+def test_form_choice_tries_both_then_keeps_the_faster_and_looks_again():
+    choice = cores.FormChoice()
+    tried = []
+    for _ in range(2 * choice.TRIES):               # the twin first, then by turns
+        form = choice.pick()
+        tried.append(form)
+        choice.record(form, 0.004 if form == 1 else 0.007)
+    assert tried == [1, 0] * choice.TRIES
+    picks = [choice.pick() for _ in range(2 * choice.RETRY)]
+    assert picks.count(0) == 2 and picks[choice.RETRY - 1] == picks[-1] == 0 and set(picks) == {0, 1}
+    for _ in range(choice.KEEP):                   # conditions change: local-task is faster now
+        choice.record(0, 0.003)
+    assert choice.pick() == 0
+    assert len(choice.times[0]) == choice.KEEP
+
+
+@pytest.mark.parametrize("tensors", [2, 10])
+def test_steps_while_other_threads_are_busy_run_either_form_and_match_the_reference(relisted, tensors):
+    """Two large variables (one group step) or ten (a chain of length-generic steps): with
+    the other threads busy, each form runs (the twin on local-sync first) and the values
+    are the reference's; with them idle the step is back on local-task."""
+    rng = np.random.default_rng(5)
+    shapes = [(TASK_MIN_PARAMS // tensors + 16 * k + 3,) for k in range(tensors)] + [(4, 3)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    variables = [ireeopt.Variable(x, name=f"w{i}") for i, x in enumerate(init)]
+    opt = ireeopt.Adam(learning_rate=0.01, global_clipnorm=50.0)
+    ref = Reference("adam", init, [v.name for v in variables], learning_rate=0.01, global_clipnorm=50.0)
+
+    def step():
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+
+    step()
+    (prepared,) = opt._prepared.values()
+    twin = prepared.twin
+    assert _drivers(prepared) == {"local-task"} and _drivers(twin) == {"local-sync"}
+    busy = _Busy()
+    try:
+        for _ in range(2 * cores.FormChoice.TRIES):
+            step()
+    finally:
+        busy.stop()
+    assert [len(t) for t in prepared.choice.times] == [cores.FormChoice.TRIES] * 2
+    for _ in range(2):
+        step()
+    assert [len(t) for t in prepared.choice.times] == [cores.FormChoice.TRIES] * 2
+    for v, want in zip(variables, ref.p):
+        np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=v.name)
+    for k, want in enumerate(ref.v):
+        np.testing.assert_allclose(opt._slots["v"][k].numpy(), want, rtol=2e-5, atol=1e-9)
+    assert opt.iterations == 3 + 2 * cores.FormChoice.TRIES
+
+
+def _drivers(prepared):
+    chain = getattr(prepared.module, "calls", None)
+    modules = [module for module, _ in chain] if chain else [prepared.module]
+    return {module.loaded.device.driver for module in modules}
