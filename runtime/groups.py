@@ -138,14 +138,20 @@ class GroupSteps:
         key = ("groups",) + self._structure_key()
         if key not in self._prepared:
             build = self._prepare_chain if self._chained() else self._prepare_group_step
-            params = sum(g.shape[0] for g in self._group_buffers["params"])
-            device = self._group_step_device(params)
-            prepared = build(device)
-            if device is not self._device and prepared.module is not None:
-                prepared.twin, prepared.choice = build(self._device), FormChoice()
-                self._twinned = True
-            self._prepared[key] = prepared
+            self._prepared[key] = self._with_twin(build, sum(g.shape[0] for g in self._group_buffers["params"]))
         return self._prepared[key]
+
+    def _with_twin(self, build, params):
+        """``build(device)`` on the device a flat step over ``params`` parameters runs on
+        (``_group_step_device``); when that is not the optimizer's own (device ``cpu``:
+        local-task), with its twin ``build(own device)`` (local-sync, the calling thread),
+        and the ``cores.FormChoice`` between them (``_form``)."""
+        device = self._group_step_device(params)
+        prepared = build(device)
+        if device is not self._device and prepared.module is not None:
+            prepared.twin, prepared.choice = build(self._device), FormChoice()
+            self._twinned = True
+        return prepared
 
     def _form(self, prepared, since):
         """The form of ``prepared`` that runs this step: itself or, when other threads of
@@ -269,22 +275,25 @@ class GroupSteps:
     def _prepare_slices(self, spec, indices, buffers, grad_buffers):
         """A step over the slices of the variables ``indices`` (one over some variables, with
         sparse gradients, or clipping each variable by its own norm), run as a group step is:
-        on local-task from TASK_MIN_PARAMS parameters, and with the dense gradient of each
-        variable that has a group of its own bound where it lies (``prepared.own_of``).  A
-        lazy (Adamax) sparse gradient counts the rows it updates, not its table: 1M x 64,
-        k = 4,096, 7.3 ms on local-sync against 8.3 on local-task."""
-        lazy = spec.optimizer == "adamax"
-        device = self._group_step_device(sum(v.sparse * size_of(v.shape[1:]) if lazy and v.sparse else size_of(v.shape)
-                                             for v in spec.variables))
-        buffers = [flat.on_device(b, device) for b in buffers]
-        prepared = self._prepared_step(spec, buffers, grad_buffers, device)
+        on local-task from TASK_MIN_PARAMS parameters (with a twin: ``_with_twin``), and with
+        the dense gradient of each variable that has a group of its own bound where it lies
+        (``prepared.own_of``).  A lazy (Adamax) sparse gradient counts the rows it updates,
+        not its table: 1M x 64, k = 4,096, 7.3 ms on local-sync against 8.3 on local-task."""
         own = {i: j for j, i in self._own_groups.items()}     # variable -> its own group
         arguments = {own[indices[k]]: a for a, (kind, k, _, _) in enumerate(spec.arguments())
                      if kind == "grads" and indices[k] in own}
-        if arguments and prepared.module is not None:
-            prepared.bindings = flat.GradientBindings(prepared.module, buffers, arguments)
-            prepared.own_of = {i: j for i, j in own.items() if j in arguments}
-        return prepared
+
+        def build(device):
+            on_device = [flat.on_device(b, device) for b in buffers]
+            prepared = self._prepared_step(spec, on_device, grad_buffers, device)
+            if arguments and prepared.module is not None:
+                prepared.bindings = flat.GradientBindings(prepared.module, on_device, arguments)
+                prepared.own_of = {i: j for i, j in own.items() if j in arguments}
+            return prepared
+
+        lazy = spec.optimizer == "adamax"
+        return self._with_twin(build, sum(v.sparse * size_of(v.shape[1:]) if lazy and v.sparse else size_of(v.shape)
+                                          for v in spec.variables))
 
     def _group_step_device(self, params):
         """The device a flat step over ``params`` parameters runs on (see TASK_MIN_PARAMS)."""

@@ -285,7 +285,7 @@ class Optimizer(GroupSteps, Training):
         self._scratch_rows = {}      # variable index -> rows its scratch table holds (host copy)
         self._device, self._prepared, self._train_steps = device, {}, {}
         self._repeat_steps = {}      # variable ids -> a remembered dense flat step (_apply_repeat)
-        self._twinned = False        # a group step has a twin on the calling thread (groups._form)
+        self._twinned = False        # a step has a twin on the calling thread (groups._form)
         self._decay_excluded = excluded
         self.built = True
         if self.jit_compile and compile_step:
@@ -485,7 +485,7 @@ class Optimizer(GroupSteps, Training):
             step = self._prepare_groups()
             prepared = self._form(step, since)
         else:
-            prepared = self._prepare(indices, buckets)
+            prepared = self._form(self._prepare(indices, buckets), since)
         hyper = self._constants(prepared.spec, lr)
         scratch_rows = {}
         copies = []                  # (staging buffer, array): written together below

@@ -18,11 +18,12 @@ _DATA = bytes(range(256)) * (1 << 17)          # 32 MiB: hashing it takes tens o
 
 
 class _Busy:
-    """Threads that keep all cores but one busy (hashing releases the GIL) until ``stop``."""
+    """Threads that keep the cores busy (hashing releases the GIL) until ``stop``: two a
+    core, so that they get their share next to any other busy thread of the process."""
 
     def __init__(self):
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(max(cores.CORES - 1, 1))]
+        self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(2 * cores.CORES)]
         for t in self._threads:
             t.start()
         time.sleep(0.05)
@@ -39,7 +40,8 @@ class _Busy:
 
 @pytest.fixture
 def relisted(monkeypatch):
-    """The process's threads are listed at every sample (not once a second)."""
+    """The process's threads are listed at every sample, not once a second (those of
+    earlier tests are left out: conftest._own_threads_followed)."""
     monkeypatch.setattr(cores, "RELIST_S", 0.0)
 
 
@@ -80,17 +82,18 @@ def test_form_choice_tries_both_then_keeps_the_faster_and_looks_again():
     assert len(choice.times[0]) == choice.KEEP
 
 
-@pytest.mark.parametrize("tensors", [2, 10])
-def test_steps_while_other_threads_are_busy_run_either_form_and_match_the_reference(relisted, tensors):
-    """Two large variables (one group step) or ten (a chain of length-generic steps): with
-    the other threads busy, each form runs (the twin on local-sync first) and the values
-    are the reference's; with them idle the step is back on local-task."""
+@pytest.mark.parametrize("tensors,clip", [(2, "global_clipnorm"), (10, "global_clipnorm"), (1, "clipnorm")])
+def test_steps_while_other_threads_are_busy_run_either_form_and_match_the_reference(relisted, tensors, clip):
+    """Two large variables (one group step), ten (a chain of length-generic steps), or one
+    clipped by its own norm (a step over slices): with the other threads busy, each form
+    runs (the twin on local-sync first) and the values are the reference's; with them idle
+    the step is back on local-task."""
     rng = np.random.default_rng(5)
     shapes = [(TASK_MIN_PARAMS // tensors + 16 * k + 3,) for k in range(tensors)] + [(4, 3)]
     init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     variables = [ireeopt.Variable(x, name=f"w{i}") for i, x in enumerate(init)]
-    opt = ireeopt.Adam(learning_rate=0.01, global_clipnorm=50.0)
-    ref = Reference("adam", init, [v.name for v in variables], learning_rate=0.01, global_clipnorm=50.0)
+    opt = ireeopt.Adam(learning_rate=0.01, **{clip: 50.0})
+    ref = Reference("adam", init, [v.name for v in variables], learning_rate=0.01, **{clip: 50.0})
 
     def step():
         grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -102,9 +105,11 @@ def test_steps_while_other_threads_are_busy_run_either_form_and_match_the_refere
     twin = prepared.twin
     assert _drivers(prepared) == {"local-task"} and _drivers(twin) == {"local-sync"}
     busy = _Busy()
-    try:
-        for _ in range(2 * cores.FormChoice.TRIES):
+    try:        # (a step sees them busy when one runs as it starts: most steps, not every one)
+        for _ in range(40):
             step()
+            if min(map(len, prepared.choice.times)) == cores.FormChoice.TRIES:
+                break
     finally:
         busy.stop()
     assert [len(t) for t in prepared.choice.times] == [cores.FormChoice.TRIES] * 2
@@ -115,7 +120,6 @@ def test_steps_while_other_threads_are_busy_run_either_form_and_match_the_refere
         np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=v.name)
     for k, want in enumerate(ref.v):
         np.testing.assert_allclose(opt._slots["v"][k].numpy(), want, rtol=2e-5, atol=1e-9)
-    assert opt.iterations == 3 + 2 * cores.FormChoice.TRIES
 
 
 def _drivers(prepared):
