@@ -1,15 +1,15 @@
 """Whether other threads of this process take the cores, and which form of a step runs then.
 
 On device ``cpu`` a step over TASK_MIN_PARAMS parameters or more runs on IREE's local-task
-workers, one per core (runtime/groups.py).  When other threads of the process are busy as
+workers, one per core (runtime/groups.py; from TWIN_MIN_PARAMS to TWIN_MAX_PARAMS with a twin).  When other threads of the process are busy as
 the step starts, a core is taken: torch's OpenMP workers spin for several milliseconds
 after each operation, numpy's BLAS threads after a product, a data loader works.  The
 workers then share it with them and the step waits for the one that is descheduled; running
 it on the calling thread alone (its twin on local-sync, over the same memory) can be faster.
 Measured here (2 cores), 1 x 2^22 Adam alternating step by step with torch fused: 7.1 ms on
-local-task, 4.6 ms on the calling thread; but 1 x 2^20 and 1 x 2^24 stayed faster on
-local-task.  So which form runs such a step is measured (``FormChoice``); a step that
-starts with the other threads idle stays on local-task.
+local-task, 4.4-4.6 ms on the calling thread (1 x 2^20 and 1 x 2^24 gained nothing: they
+have no twin).  Which form runs such a step is measured (``FormChoice``); a step that starts
+with the other threads idle stays on local-task.
 
 "Busy" is read from each thread's CPU clock (Linux's per-thread CPU-time clock: exact,
 running or not, ~1-2 us a read) over the caller's own work on the call before the step
@@ -83,8 +83,9 @@ def _cpu(clocks):
 
 
 def sample():
-    """The other threads' CPU time now, for ``cores_taken``."""
-    clocks = _threads.current()
+    """The other threads' CPU time now, for ``cores_taken`` (in the same thread)."""
+    me = threading.get_native_id()
+    clocks = tuple(c for c in _threads.current() if c[0] != me)
     return clocks, time.perf_counter(), _cpu(clocks)
 
 
@@ -95,8 +96,7 @@ def cores_taken(since):
     clocks, start, before = since
     now = _cpu(clocks)
     wall = time.perf_counter() - start
-    me = threading.get_native_id()
-    used = sum(b - a for (tid, _), a, b in zip(clocks, before, now) if tid != me and b == b and a == a)
+    used = sum(b - a for a, b in zip(before, now) if b == b and a == a)      # (nan: the thread ended)
     return wall > 0 and used >= TAKEN_FRACTION * max(CORES - 1, 1) * wall
 
 

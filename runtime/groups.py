@@ -37,6 +37,16 @@ CHAIN_WIDTH = 8
 #: below this many parameters in all, a step that leaves some variables without a
 #: gradient always runs as the group step (``_restorable``)
 SUBSET_GROUPS_BELOW = 1 << 19
+#: a local-task step over TWIN_MIN_PARAMS to TWIN_MAX_PARAMS parameters has a twin on the
+#: calling thread, which may run it when other threads are busy as it starts
+#: (runtime/cores.py).  Measured here alternating with torch fused step by step (ratios to
+#: torch's step, three pairs of processes): 1 x 2^22 1.31, 1.10, 1.32 on local-task, 1.12,
+#: 1.08, 1.02 with the twin.  A smaller step stayed faster on local-task (1 x 2^20: 0.79,
+#: 0.83 against 1.01, 1.07: the check costs ~20-50 us while another thread runs); a longer
+#: one outlasts the others' busy spell (torch's OpenMP workers spin ~5-10 ms) and gained
+#: nothing (1 x 2^24: 0.94, 0.92, 0.95 against 0.89, 0.99, 1.00)
+TWIN_MIN_PARAMS = 1 << 21
+TWIN_MAX_PARAMS = 1 << 23
 
 
 _NDARRAY = {np.ndarray}
@@ -144,11 +154,12 @@ class GroupSteps:
     def _with_twin(self, build, params):
         """``build(device)`` on the device a flat step over ``params`` parameters runs on
         (``_group_step_device``); when that is not the optimizer's own (device ``cpu``:
-        local-task), with its twin ``build(own device)`` (local-sync, the calling thread),
-        and the ``cores.FormChoice`` between them (``_form``)."""
+        local-task) and ``params`` is in TWIN_MIN_PARAMS..TWIN_MAX_PARAMS, with its twin ``build(own device)``
+        (local-sync, the calling thread) and the ``cores.FormChoice`` between them (``_form``)."""
         device = self._group_step_device(params)
         prepared = build(device)
-        if device is not self._device and prepared.module is not None:
+        if device is not self._device and prepared.module is not None and \
+                TWIN_MIN_PARAMS <= params <= TWIN_MAX_PARAMS:
             prepared.twin, prepared.choice = build(self._device), FormChoice()
             self._twinned = True
         return prepared

@@ -10,7 +10,7 @@ import pytest
 
 import ireeopt
 from ireeopt.runtime import cores
-from ireeopt.runtime.groups import TASK_MIN_PARAMS
+from ireeopt.runtime.groups import TASK_MIN_PARAMS, TWIN_MAX_PARAMS, TWIN_MIN_PARAMS
 
 from .reference import Reference
 
@@ -89,7 +89,7 @@ def test_steps_while_other_threads_are_busy_run_either_form_and_match_the_refere
     runs (the twin on local-sync first) and the values are the reference's; with them idle
     the step is back on local-task."""
     rng = np.random.default_rng(5)
-    shapes = [(TASK_MIN_PARAMS // tensors + 16 * k + 3,) for k in range(tensors)] + [(4, 3)]
+    shapes = [(TWIN_MIN_PARAMS // tensors + 16 * k + 3,) for k in range(tensors)] + [(4, 3)]
     init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     variables = [ireeopt.Variable(x, name=f"w{i}") for i, x in enumerate(init)]
     opt = ireeopt.Adam(learning_rate=0.01, **{clip: 50.0})
@@ -126,3 +126,15 @@ def _drivers(prepared):
     chain = getattr(prepared.module, "calls", None)
     modules = [module for module, _ in chain] if chain else [prepared.module]
     return {module.loaded.device.driver for module in modules}
+
+
+@pytest.mark.parametrize("params", [TASK_MIN_PARAMS, TWIN_MAX_PARAMS + 1])
+def test_smaller_and_larger_local_task_steps_have_no_twin(params):
+    """Below TWIN_MIN_PARAMS and above TWIN_MAX_PARAMS a step on local-task stays there,
+    busy threads or not (measured: no gain there; runtime/groups.py)."""
+    var = ireeopt.Variable(np.zeros(params, np.float32))
+    opt = ireeopt.Adam()
+    opt.apply_gradients([(np.ones(params, np.float32), var)])
+    (prepared,) = opt._prepared.values()
+    assert prepared.module.loaded.device.driver == "local-task" and prepared.twin is None
+    assert not opt._twinned
