@@ -142,9 +142,8 @@ class GroupSteps:
     def _prepare_groups(self):
         """The ``PreparedStep`` that updates every variable through the group buffers (its
         own groups' gradients bound per step: ``flat.GradientBindings``), or a
-        ``_prepare_chain`` one (``_chained``).  One that device ``cpu`` runs on local-task
-        has a twin on the calling thread (local-sync, over the same memory), which may run
-        the step while other threads of the process are running (``_form``)."""
+        ``_prepare_chain`` one (``_chained``), with its twin on the calling thread where it
+        has one (``_with_twin``)."""
         key = ("groups",) + self._structure_key()
         if key not in self._prepared:
             build = self._prepare_chain if self._chained() else self._prepare_group_step
@@ -153,9 +152,11 @@ class GroupSteps:
 
     def _with_twin(self, build, params):
         """``build(device)`` on the device a flat step over ``params`` parameters runs on
-        (``_group_step_device``); when that is not the optimizer's own (device ``cpu``:
-        local-task) and ``params`` is in TWIN_MIN_PARAMS..TWIN_MAX_PARAMS, with its twin ``build(own device)``
-        (local-sync, the calling thread) and the ``cores.FormChoice`` between them (``_form``)."""
+        (``_group_step_device``).  When that is not the optimizer's own (device ``cpu``:
+        local-task) and ``params`` is from TWIN_MIN_PARAMS to TWIN_MAX_PARAMS: with its twin
+        ``build(own device)`` (local-sync, the calling thread, over the same memory), which
+        may run the step when other threads are busy, and the ``cores.FormChoice`` between
+        them (``_form``)."""
         device = self._group_step_device(params)
         prepared = build(device)
         if device is not self._device and prepared.module is not None and \
