@@ -166,16 +166,15 @@ class GroupSteps:
         return prepared
 
     def _form(self, prepared, since):
-        """The form of ``prepared`` that runs this step: itself or, when other threads of
-        the process were busy ``since`` (a ``cores.sample`` at the start of the call, or
-        None: ``cores.cores_taken``), whichever of it and its twin has been faster then
-        (``cores.FormChoice``); ``prepared.timed`` says which, for ``_run_prepared`` to time."""
+        """(the form of ``prepared`` that runs this step, what ``_run_prepared`` records its
+        duration into): itself and None or, when other threads of the process were busy
+        ``since`` (a ``cores.sample`` at the start of the call, or None:
+        ``cores.cores_taken``), whichever of it and its twin has been faster then and
+        (its ``cores.FormChoice``, which form)."""
         if prepared.twin is None or since is None or not cores_taken(since):
-            return prepared
+            return prepared, None
         form = prepared.choice.pick()
-        chosen = prepared.twin if form else prepared
-        chosen.timed = (prepared.choice, form)
-        return chosen
+        return (prepared.twin if form else prepared), (prepared.choice, form)
 
     def _all_staging(self):
         """The gradient staging of every variable, in order (what a group step fills)."""
@@ -377,10 +376,10 @@ class GroupSteps:
                 copies.append((host, grad))
                 nbytes += host.nbytes
         lr = self._step_lr()
-        prepared = self._form(prepared, since)
+        prepared, timed = self._form(prepared, since)
         hyper = self._constants(prepared.spec, lr)
         if sources:
             prepared.args = prepared.bindings.bind(sources)
         flat.copy_to_hosts(copies, nbytes)
-        self._run_prepared(prepared, hyper)
+        self._run_prepared(prepared, hyper, timed=timed)
         return True

@@ -60,7 +60,6 @@ class PreparedStep:
         self.own_of = {}               # a step over slices: {variable index: the own group bound in place}
         self.twin = None               # the same step on the calling thread (runtime/cores.py)
         self.choice = None             # its cores.FormChoice
-        self.timed = None              # (FormChoice, form) when this step's duration is to be recorded
 
 
 class _Timeline:

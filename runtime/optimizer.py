@@ -483,9 +483,9 @@ class Optimizer(GroupSteps, Training):
         groups = self._groups_apply(indices, buckets)
         if groups:
             step = self._prepare_groups()
-            prepared = self._form(step, since)
+            prepared, timed = self._form(step, since)
         else:
-            prepared = self._form(self._prepare(indices, buckets), since)
+            prepared, timed = self._form(self._prepare(indices, buckets), since)
         hyper = self._constants(prepared.spec, lr)
         scratch_rows = {}
         copies = []                  # (staging buffer, array): written together below
@@ -511,7 +511,7 @@ class Optimizer(GroupSteps, Training):
         saved = [(host, host.copy()) for host in self._untouched(indices)] \
             if groups and len(indices) < len(self._vars) else ()
         try:
-            self._run_prepared(prepared, hyper, scratch_rows)
+            self._run_prepared(prepared, hyper, scratch_rows, timed)
         finally:
             for host, value in saved:
                 host[...] = value
@@ -520,23 +520,21 @@ class Optimizer(GroupSteps, Training):
             self._remember_repeat(grads_and_vars, step)
         return self.iterations
 
-    def _run_prepared(self, prepared, hyper, scratch_rows=None):
+    def _run_prepared(self, prepared, hyper, scratch_rows=None, timed=None):
         """With the inputs staged: write this step's scalars, run the prepared step (checking
-        on its first call that it updated its state in place), count the step."""
+        on its first call that it updated its state in place), count the step; ``timed``:
+        (cores.FormChoice, form) that records its duration (``_form``)."""
         if prepared.norms is not None:
             self._host_norms(prepared, hyper)
         (self._hyper_buffer if prepared.hyper is None else prepared.hyper).write(hyper)
         self._device.wait()          # staged devices: every input copy queued before has landed
         if prepared.module is None:
             self._run_eager(prepared.spec, prepared.buffers)
-        elif prepared.timed is not None:       # a form picked while other threads ran (cores.py)
-            (choice, form), prepared.timed = prepared.timed, None
+        else:
             start = time.perf_counter()
             results = prepared.module(prepared.args)
-            choice.record(form, time.perf_counter() - start)
-        else:
-            results = prepared.module(prepared.args)
-        if prepared.module is not None:
+            if timed is not None:              # a form picked while other threads ran (cores.py)
+                timed[0].record(timed[1], time.perf_counter() - start)
             self._device_calls += 1
             if not prepared.verified:
                 self._verify_in_place(prepared, results)
