@@ -27,11 +27,12 @@ from .variable import Variable
 #: multi-threaded local-task driver (over the same memory), a smaller one on local-sync
 #: (the calling thread: no worker wake-up); "local-sync"/"local-task" force one
 TASK_MIN_PARAMS = 1 << 19
-#: a step with more own groups than this updates them by calls of steps compiled for
-#: 1-D variables of any length (``kernels.step.dynamic_spec``), CHAIN_WIDTH groups a call
-#: (fewer in the last: 4, 2, 1), chained after the step of the other groups; fewer own
-#: groups are dispatches of that step.  Each dispatch costs ~40 ms of compile time (200
-#: tensors of 84 KB: ~10 s), a call ~10-20 us of the caller's time per step
+#: a step with more own groups than this updates them by calls of one step compiled for
+#: CHAIN_WIDTH 1-D variables of any length (``kernels.step.dynamic_spec``), chained after
+#: the step of the other groups (the last call's missing variables are padding, one
+#: element each: ``_padding``); fewer own groups are dispatches of that step.  Each dispatch
+#: costs ~40 ms of compile time (200 tensors of 84 KB: ~10 s), a call ~10-20 us of the
+#: caller's time per step, each compiled step ~0.7-1 s of the first call
 CHAIN_MIN_GROUPS = 8
 CHAIN_WIDTH = 8
 #: below this many parameters in all, a step that leaves some variables without a
@@ -185,12 +186,23 @@ class GroupSteps:
                                [not self._groups[j][1] for j in groups])
 
     def _call_buffers(self, spec, groups, device, hyper=None, norms=None):
-        """The buffers of a step over ``groups`` (``spec``'s variable ``k`` is ``groups[k]``),
-        its scalars in ``hyper`` (default the optimizer's), given norms in ``norms[group]``."""
+        """The buffers of a step over ``groups`` (``spec``'s variable ``k`` is ``groups[k]``,
+        or padding where that is None: ``_padding``), its scalars in ``hyper`` (default the
+        optimizer's), given norms in ``norms[group]``."""
         hyper = self._hyper_buffer if hyper is None else hyper
-        return [flat.on_device(hyper if kind == "hyper" else norms[groups[k]] if kind == "sumsq"
-                               else self._group_buffers[kind][groups[k]], device)
+        return [flat.on_device(hyper if kind == "hyper" else self._padding(device, k, kind) if groups[k] is None
+                               else norms[groups[k]] if kind == "sumsq" else self._group_buffers[kind][groups[k]],
+                               device)
                 for kind, k, _, _ in spec.arguments()]
+
+    def _padding(self, device, k, kind):
+        """The ``kind`` buffer (zeros: one float32, a scalar for a given norm) of the padding
+        variable ``k`` of a chain's last call on ``device``: each position has its own buffers,
+        which the step updates (to zeros: a zero gradient moves nothing) and nothing reads."""
+        key = (device.key, k, kind)
+        if key not in self._pads:
+            self._pads[key] = flat.host_buffer(device, () if kind == "sumsq" else (1,), "float32")
+        return self._pads[key]
 
     @staticmethod
     def _own_arguments(spec, groups, own):
@@ -210,8 +222,8 @@ class GroupSteps:
         return prepared
 
     def _prepare_chain(self, device):
-        """The other groups' step (if any), then the own groups, CHAIN_WIDTH (or 4, 2, 1) a
-        call of a step compiled for 1-D float32 variables of any length, as one
+        """The other groups' step (if any), then the own groups, CHAIN_WIDTH a call of a
+        step compiled for 1-D float32 variables of any length, as one
         ``StepChain`` on ``device``; ``prepared.args`` is the argument list of each call.
 
         Clipping by a norm: the norms of the gradients, which lie in host memory, are
@@ -270,17 +282,15 @@ class GroupSteps:
 
     def _chain_links(self, others, own, form):
         """(groups, spec) of each call of a chain over the groups ``others`` (one static
-        step, if any) and then the own groups ``own``, CHAIN_WIDTH a call, the rest as calls
-        of its binary digits (4, 2, 1), each by a step of any lengths; ``form(spec)`` gives
-        the form of each spec (``norms="given"`` or as it is)."""
+        step, if any) and then the own groups ``own``, CHAIN_WIDTH a call by one step of any
+        lengths (the last call's groups padded with None: ``_padding``), so that a chain
+        compiles one such step per weight-decay class; ``form(spec)`` gives the form of each spec
+        (``norms="given"`` or as it is)."""
         links = [(others, form(self._group_spec(others)))] if others else []
-        start, rest = 0, len(own) % CHAIN_WIDTH
-        for width in [CHAIN_WIDTH] * (len(own) // CHAIN_WIDTH) + [1 << b for b in
-                                                                  reversed(range(rest.bit_length())) if rest >> b & 1]:
-            groups = own[start:start + width]
-            spec = form(self._group_spec(groups))
-            links.append((groups, dynamic_spec(spec, width)))
-            start += width
+        for start in range(0, len(own), CHAIN_WIDTH):
+            groups = own[start:start + CHAIN_WIDTH]
+            spec = dynamic_spec(form(self._group_spec(groups)), CHAIN_WIDTH)
+            links.append((groups + [None] * (CHAIN_WIDTH - len(groups)), spec))
         return links
 
     def _prepare_slices(self, spec, indices, buffers, grad_buffers):

@@ -269,6 +269,7 @@ class Optimizer(GroupSteps, Training):
             excluded = [not v["weight_decay"] for v in self._artifact.variables]
         self._groups = self._group_buffers = None
         self._own_groups = {}        # set by _build_flat
+        self._pads = {}              # a chain's padding buffers (groups._padding)
         self._grad_buffers = {}      # (variable index, None | bucket) -> staging buffer(s), made once
         if device.mappable and device.driver in flat.DRIVERS and \
                 not any(isinstance(v._buffer, flat.ImportedBuffer) for v in var_list):

@@ -350,8 +350,9 @@ def test_gradient_imports_are_kept_by_address_and_do_not_keep_arrays_alive():
                                     {"global_clipnorm": 1.0, "weight_decay": 0.1}])
 def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwargs):
     """With more than CHAIN_MIN_GROUPS large variables, they are updated CHAIN_WIDTH a call
-    (then 4, 2, 1) by steps compiled for 1-D variables of any length, chained after the
-    small variables' step (runtime/groups.py): the values match the reference, every
+    (the last call padded) by one step compiled for 1-D variables of any length per
+    weight-decay setting, chained after the small variables' step (runtime/groups.py), and the
+    padding stays zeros: the values match the reference, every
     gradient is read where it lies and nothing next to it, each weight-decay setting gets
     calls of its own, and the chain signals once per call.  Under clipnorm the small variables
     are updated through their slices (each clipped by its own norm), not their group; under
@@ -389,16 +390,23 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
     chain = prepared.module
     widths = [len(module.spec.variables) for module, _ in chain.calls]
     # the small variables' step (one group, or under clipnorm their two slices), then the
-    # other large ones (8, 2, 1) and, excluded from weight decay, w3
-    assert widths == [2 if "clipnorm" in kwargs else 1, 8, 2, 1, 1], widths
+    # other large ones (8, then 3 and 5 padding) and, excluded from weight decay, w3 (and 7)
+    assert widths == [2 if "clipnorm" in kwargs else 1, 8, 8, 8], widths
     assert all(module.spec.dynamic for module, _ in chain.calls[1:]) and not chain.calls[0][0].spec.dynamic
+    steps = {id(module) for module, _ in chain.calls[1:]}
+    assert len(steps) == (2 if "weight_decay" in kwargs else 1)
+    # padding positions 1-7, each with its own parameters, gradient, slots, average, norm
+    kinds = 2 + len(opt._slot_names) + opt.use_ema + ("clipnorm" in kwargs)
+    assert sorted({k for _, k, _ in opt._pads}) == list(range(1, 8)) and len(opt._pads) == 7 * kinds
+    for pad in opt._pads.values():
+        np.testing.assert_array_equal(pad.host, 0)
     # clipping by a norm: the large ones' norms are given (computed on the host); the small
     # ones' slices compute theirs under clipnorm, their group's is given under global_clipnorm
     given = [module.spec.norms for module, _ in chain.calls]
     if "clipnorm" in kwargs:
-        assert given == [None] + ["given"] * 4
+        assert given == [None] + ["given"] * 3
     else:
-        assert given == ["given" if "global_clipnorm" in kwargs else None] * 5
+        assert given == ["given" if "global_clipnorm" in kwargs else None] * 4
     assert chain._timeline.semaphore.query() == chain._timeline.value == 4 * len(widths)
     assert groups.CHAIN_MIN_GROUPS < 12 and groups.CHAIN_WIDTH == 8
 
@@ -414,7 +422,8 @@ def test_length_generic_steps_are_shared_by_models_of_other_sizes():
 
     first = chain_modules([N + k for k in range(9)])
     second = chain_modules([2 * N + 5 * k for k in range(9)])
-    assert [len(m.spec.variables) for m in first] == [8, 1] and all(a is b for a, b in zip(first, second))
+    assert [len(m.spec.variables) for m in first] == [8, 8] and first[0] is first[1]
+    assert all(a is b for a, b in zip(first, second))
 
 
 def test_chains_sharing_compiled_steps_run_from_two_threads():
