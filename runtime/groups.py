@@ -16,7 +16,7 @@ from operator import attrgetter
 import numpy as np
 
 from ..kernels.step import VarSpec, dynamic_spec, size_of, slot_dtype
-from .cache import step_module
+from .cache import step_modules
 from .cores import FormChoice, cores_taken
 from .device import Device
 from . import flat
@@ -252,8 +252,8 @@ class GroupSteps:
             for groups, spec in self._chain_links(others if k == 0 else [], own, form):
                 calls.append((spec, self._call_buffers(spec, groups, device, hyper, norms), groups))
         chain, bindings = StepChain(device), []
-        for spec, buffers, groups in calls:
-            module = step_module(spec, device)
+        modules = step_modules([spec for spec, _, _ in calls], device)     # (compiled at the same time)
+        for (spec, buffers, groups), module in zip(calls, modules):
             own = self._own_arguments(spec, groups, self._own_groups) if groups else {}
             bindings.append(flat.GradientBindings(module, buffers, own, chain.add(module)))
         prepared = PreparedStep(calls[0][0], chain, None, [buffers for _, buffers, _ in calls], self._all_staging())

@@ -118,6 +118,37 @@ def test_a_cache_miss_without_the_compiler_says_what_to_do(tmp_path):
     assert "not in the compile cache" in done.stdout and "install jax" in done.stdout.lower()
 
 
+def test_steps_compiled_together_are_the_steps_compiled_alone(tmp_path, monkeypatch):
+    """``compile_vmfbs`` compiles the steps a first call needs at the same time (one
+    iree-compile process each): the modules are byte for byte those compiled one by one,
+    and all land in the disk cache; a compile that fails raises in the caller after the
+    others are done, and leaves no file of its own."""
+    from ireeopt import compiler
+    from ireeopt.kernels.step import StepSpec, VarSpec
+
+    specs = [StepSpec("adam", (VarSpec((5, 3), "float32"),), (False,)),
+             StepSpec("adamax", (VarSpec((7,), "float32"), VarSpec((2,), "float32")), (True, True))]
+    monkeypatch.setenv("IREEOPT_CACHE_DIR", str(tmp_path / "alone"))
+    alone = [cache.compile_vmfb(spec, "llvm-cpu") for spec in specs]
+    monkeypatch.setenv("IREEOPT_CACHE_DIR", str(tmp_path / "together"))
+    assert cache.compile_vmfbs(specs, "llvm-cpu") == alone
+    assert sorted(p.name for p in (tmp_path / "together").glob("*.vmfb")) == \
+        sorted(f"{cache.cache_key(spec, 'llvm-cpu')}.vmfb" for spec in specs)
+
+    real = compiler.compile_mlir
+
+    def failing(text, flags):
+        if "stablehlo.maximum" in text:             # (Adamax's u)
+            raise RuntimeError("iree-compile failed")
+        return real(text, flags)
+
+    monkeypatch.setattr(compiler, "compile_mlir", failing)
+    monkeypatch.setenv("IREEOPT_CACHE_DIR", str(tmp_path / "failing"))
+    with pytest.raises(RuntimeError, match="iree-compile failed"):
+        cache.compile_vmfbs(specs, "llvm-cpu")
+    assert [p.name for p in (tmp_path / "failing").glob("*.vmfb")] == []
+
+
 def test_cache_key_depends_on_structure():
     from ireeopt.kernels.step import StepSpec, VarSpec
     a = StepSpec("adam", (VarSpec((3,), "float32"),), (False,))
