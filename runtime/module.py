@@ -20,6 +20,7 @@ import threading
 import time
 
 import iree.runtime as rt
+import numpy as np
 
 #: a fenced step expected to take this long (s) or longer is waited for by sleeping
 #: (SLEEP_FRACTION of its expected duration, less the timer slack a sleep may add) and then
@@ -105,20 +106,36 @@ class StepModule:
         self.context = loaded.context
         self.n_results = len(spec.donated) if n_results is None else n_results
         self.fenced = self.function.reflection.get("iree.abi.model") == "coarse-fences"
+        # a step of any lengths: the argument index of each variable's parameters, and an
+        # int32 scalar buffer per length passed (made once)
+        self._params = [a for a, (kind, *_) in enumerate(spec.arguments()) if kind == "params"] \
+            if getattr(spec, "dynamic", False) else None
+        self._lengths = {}
         if self.fenced:         # one (empty, so met) wait fence; the signal fence moves along a timeline
             self._wait, self._signal = rt.HalFence(1), rt.HalFence(1)
             self._timeline = _Timeline(loaded.device)
 
     def arguments(self, buffers, fences=None):
         """A reusable VM argument list for ``buffers`` (DeviceBuffers, in ``spec.arguments()``
-        order); a fenced step's fences are its own, or ``fences`` (wait, signal: in a ``StepChain``)."""
-        args = rt.VmVariantList(len(buffers) + 2 * self.fenced)
-        for b in buffers:
+        order), after the length of each variable of a step of any lengths (``spec.dynamic``:
+        compiler/trace.py); a fenced step's fences are its own, or ``fences`` (wait, signal:
+        in a ``StepChain``)."""
+        lengths = [self._length(buffers[a].shape[0]) for a in self._params] if self._params else []
+        args = rt.VmVariantList(len(lengths) + len(buffers) + 2 * self.fenced)
+        for b in lengths + buffers:
             args.push_ref(b.view)
         if self.fenced:
             for fence in fences or (self._wait, self._signal):
                 args.push_ref(fence)
         return args
+
+    def _length(self, n):
+        if n not in self._lengths:
+            buffer = self.loaded.device.allocate((), "int32")
+            buffer.write(np.int32(n))
+            self.loaded.device.wait()
+            self._lengths[n] = buffer
+        return self._lengths[n]
 
     def __call__(self, args):
         """Run the step and return once it is done (its results)."""
