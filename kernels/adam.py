@@ -12,6 +12,7 @@ Per step, with ``t = iterations + 1``, ``b1p = b1**t`` and ``b2p = b2**t``::
 The scalar constants are computed on the host in float32 (``constants``), so
 every hyperparameter is a runtime input of the compiled step.
 """
+import functools
 import math
 
 from .numerics import one_minus, r32
@@ -25,14 +26,20 @@ def constants(learning_rate, beta_1, beta_2, epsilon, iterations, adaptive_epsil
     """Float32 scalars for the step that follows ``iterations`` completed steps (each
     operation rounded to float32, see ``numerics.r32``; ``b**t`` correctly rounded)."""
     t = float(iterations + 1)
-    b1p, b2p = r32(r32(float(beta_1)) ** t), r32(r32(float(beta_2)) ** t)
+    b1, b2, eps, one_minus_b1, one_minus_b2 = _fixed(beta_1, beta_2, epsilon)
+    b1p, b2p = r32(b1 ** t), r32(b2 ** t)
     root = r32(math.sqrt(r32(1.0 - b2p)))
     alpha = r32(r32(r32(float(learning_rate)) * root) / r32(1.0 - b1p))
-    eps = r32(float(epsilon))
     if adaptive_epsilon:
         eps = r32(eps * root)
-    return {"alpha": alpha, "eps": eps, "one_minus_b1": float(one_minus(beta_1)),
-            "one_minus_b2": float(one_minus(beta_2))}
+    return {"alpha": alpha, "eps": eps, "one_minus_b1": one_minus_b1, "one_minus_b2": one_minus_b2}
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed(beta_1, beta_2, epsilon):
+    """What of ``constants`` is the same every step (cached: ~2 us of every step's host time)."""
+    return (r32(float(beta_1)), r32(float(beta_2)), r32(float(epsilon)), float(one_minus(beta_1)),
+            float(one_minus(beta_2)))
 
 
 def update(xp, var, grad, slots, c):

@@ -5,6 +5,7 @@ learning rate, compute the float32 step constants, copy the gradients into
 their persistent device buffers, and make **one** call of the compiled step
 module, which updates parameters, slots and EMA averages in place.
 """
+import functools
 import numbers
 import re
 import time
@@ -26,6 +27,15 @@ from .train import Training
 from .variable import Variable
 
 CLIP_SETTINGS = ("clipnorm", "global_clipnorm", "clipvalue")
+
+
+@functools.lru_cache(maxsize=256)
+def _common_constants(weight_decay, clip, ema_momentum, overwrite):
+    """The scalars of every step but "lr" and the kernel's (cached: the same few values every
+    step; the dict must not be changed)."""
+    return {"wd": np.float32(weight_decay), "clip": np.float32(clip),
+            "sumsq": np.float32(0),     # (a chain's global norm: written by _host_norms)
+            **ema_kernel.constants(ema_momentum, overwrite)}
 
 
 def _is_number(x):
@@ -313,6 +323,8 @@ class Optimizer(GroupSteps, Training):
 
     # ------------------------------------------------------------------ structure and constants
     def _clip(self):
+        if not (self.clipnorm or self.clipvalue or self.global_clipnorm):    # (every step: the short way)
+            return None, 0.0
         active = [(k, getattr(self, k)) for k in CLIP_SETTINGS if getattr(self, k)]
         if len(active) > 1:
             raise ValueError(f"only one of {', '.join(CLIP_SETTINGS)} can be set, got "
@@ -337,9 +349,8 @@ class Optimizer(GroupSteps, Training):
         """The hyper vector for this step (rate ``lr``), in ``spec.scalars`` order."""
         freq = self.ema_overwrite_frequency
         overwrite = bool(self.use_ema and freq and (self._iterations + 1) % freq == 0)
-        c = {"lr": lr, "wd": np.float32(self.weight_decay or 0), "clip": np.float32(self._clip()[1]),
-             "sumsq": np.float32(0),     # (a chain's global norm: written by _host_norms)
-             **ema_kernel.constants(self.ema_momentum if self.use_ema else 0.0, overwrite),
+        c = {"lr": lr, **_common_constants(self.weight_decay or 0, self._clip()[1],
+                                           self.ema_momentum if self.use_ema else 0.0, overwrite),
              **self._kernel_constants(lr)}
         return np.array([c[k] for k in spec.scalars], np.float32)
 
