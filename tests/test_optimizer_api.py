@@ -102,6 +102,33 @@ def test_learning_rate_set_between_steps_without_recompiling(rng):
     assert len(cache._memory) == modules
 
 
+@pytest.mark.parametrize("kind,make", [("adamw", ireeopt.AdamW), ("adamax", ireeopt.Adamax)])
+def test_hyperparameters_set_between_steps_take_effect(kind, make, rng):
+    """Betas, epsilon, weight decay, the clip threshold and the EMA momentum set between
+    steps are this step's (the host caches what stays the same from step to step): the
+    values follow the float64 reference that changes them at the same steps."""
+    from .reference import Reference
+
+    variables = _model()
+    opt = make(learning_rate=0.05, weight_decay=0.01, clipnorm=1.0, use_ema=True, ema_overwrite_frequency=3)
+    ref = Reference(kind, [v.numpy() for v in variables], [v.name for v in variables], learning_rate=0.05,
+                    weight_decay=0.01, clipnorm=1.0, use_ema=True, ema_overwrite_frequency=3)
+    settings = [dict(beta_1=0.5, beta_2=0.9, epsilon=1e-3, weight_decay=0.2, clipnorm=0.3, ema_momentum=0.5),
+                dict(beta_1=0.95, beta_2=0.99, epsilon=1e-5, weight_decay=0.0, clipnorm=5.0, ema_momentum=0.9)]
+    names = {"beta_1": "b1", "beta_2": "b2", "epsilon": "eps", "weight_decay": "wd", "clipnorm": "clipnorm",
+             "ema_momentum": "ema_momentum"}
+    for step in range(5):
+        if step in (1, 3):
+            for key, value in settings[step // 2].items():
+                setattr(opt, key, value)
+                setattr(ref, names[key], value)
+        grads = _grads(rng)
+        opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+        for v, want in zip(variables, ref.p):
+            np.testing.assert_allclose(v.numpy(), want, rtol=1e-5, atol=1e-6, err_msg=f"{v.name} {step}")
+
+
 def test_schedule_cannot_become_a_number():
     opt = ireeopt.Adam(learning_rate=schedules.ExponentialDecay(0.1, 10, 0.9))
     with pytest.raises(TypeError):
