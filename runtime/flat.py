@@ -17,6 +17,7 @@ into its staging buffer (``copy_in``).
 """
 import ctypes
 import os
+import threading
 import weakref
 
 import numpy as np
@@ -60,18 +61,47 @@ class ImportedBuffer:
 HUGE_PAGE = 2 << 20
 
 
-def _aligned_zeros(nbytes):
+def _aligned_zeros(nbytes, fills=None):
     """``nbytes`` of zeros on a 64-byte boundary (2 MiB from HUGE_PAGE bytes on), written
-    now: the pages are faulted in by a write (as huge pages where numpy's madvise and the
-    kernel allow), not first read and then written inside a step, which left them slower to
-    stream (2^24-parameter step, one process, alternating: 15.4-18.3 ms over np.zeros
-    arenas, 13.1-14.6 over these)."""
+    now, or by ``fill(fills)`` if a list ``fills`` is given (they are zeros before that, not
+    yet faulted in): the pages are faulted in by a write (as huge pages where numpy's madvise
+    and the kernel allow), not first read and then written inside a step, which left them
+    slower to stream (2^24-parameter step, one process, alternating: 15.4-18.3 ms over
+    np.zeros arenas, 13.1-14.6 over these)."""
     align = HUGE_PAGE if nbytes >= HUGE_PAGE else ALIGN
-    raw = np.empty(nbytes + align, np.uint8)
+    raw = np.empty(nbytes + align, np.uint8) if fills is None else np.zeros(nbytes + align, np.uint8)
     start = (-raw.ctypes.data) % align
     out = raw[start:start + nbytes]
-    out[...] = 0
+    if fills is None:
+        out[...] = 0
+    else:
+        fills.append((out, 0))
     return out
+
+
+def fill(fills):
+    """``dst[...] = src`` for each ``(dst, src, ...)`` of ``fills``, in order."""
+    for dst, src, *_ in fills:
+        dst[...] = src
+
+
+def fill_meanwhile(fills):
+    """Start ``fill(fills)`` on a thread of its own (numpy releases the GIL while it writes),
+    from PARALLEL_MIN_BYTES on; returns what to ``join()`` before the memory is used."""
+    if sum(dst.nbytes for dst, *_ in fills) < PARALLEL_MIN_BYTES or _CORES < 2:
+        fill(fills)
+        return _DONE
+    thread = threading.Thread(target=fill, args=(fills,), name="ireeopt-fill", daemon=True)
+    thread.start()
+    return thread
+
+
+class _Done:
+    def join(self):
+        pass
+
+
+_DONE = _Done()
 
 
 def layout(shapes, dtype):
@@ -87,12 +117,13 @@ def layout(shapes, dtype):
     return offsets, total
 
 
-def arena(device, shapes, dtype, layout_dtype=None):
-    """(group buffer, [member buffers]) for members of ``shapes`` and ``dtype``, zero-filled,
-    laid out as for ``layout_dtype`` (default ``dtype``)."""
+def arena(device, shapes, dtype, layout_dtype=None, fills=None):
+    """(group buffer, [member buffers]) for members of ``shapes`` and ``dtype``, zero-filled
+    (written now, or by ``fill(fills)``: ``_aligned_zeros``), laid out as for
+    ``layout_dtype`` (default ``dtype``)."""
     np_dtype = numpy_dtype(dtype)
     offsets, total = layout(shapes, layout_dtype or dtype)
-    flat = _aligned_zeros(total * np_dtype.itemsize).view(np_dtype)
+    flat = _aligned_zeros(total * np_dtype.itemsize, fills).view(np_dtype)
     members = [ImportedBuffer(device, flat[o:o + size_of(s)].reshape(s), dtype)
                for o, s in zip(offsets, shapes)]
     return ImportedBuffer(device, flat, dtype), members

@@ -67,12 +67,14 @@ def _as_it_is(spec):
 class GroupSteps:
     """Mixin of ``Optimizer``: its steps over flat-storage groups."""
 
-    def _build_flat(self, var_list, excluded, device):
+    def _build_flat(self, var_list, excluded, device, fills):
         """Move the variables, and make their slots, EMA averages and gradient staging, into
         flat storage: one arena per group and kind of state.  A group is the variables of one
         (dtype, weight-decay exclusion), except that a large float32 variable has a group of
         its own, whose gradient can then be passed in place (``_own_groups``; the step has one
-        dispatch per group).  Returns (slots, averages) as Variables over the member slices."""
+        dispatch per group).  Returns (slots, averages) as Variables over the member slices;
+        what the arenas are to hold (zeros written, the variables' values) is appended to
+        ``fills`` (``flat.fill``), to be written while the step compiles."""
         groups = {}
         for i, v in enumerate(var_list):
             own = v.dtype == "float32" and 4 * size_of(v.shape) >= flat.IN_PLACE_MIN_BYTES
@@ -88,17 +90,17 @@ class GroupSteps:
             shapes = [var_list[i].shape for i in members]
             for kind in kinds:
                 group, parts = flat.arena(device, shapes, dtype if kind in ("params", "grads") else slot_dtype(dtype),
-                                          layout_dtype=dtype)
+                                          layout_dtype=dtype, fills=fills)
                 self._group_buffers[kind].append(group)
                 for i, part in zip(members, parts):
                     var = var_list[i]
                     if kind == "params":
-                        part.write(var.numpy())
+                        fills.append((part.host, var._buffer.host, var._buffer))   # (the old buffer: alive till then)
                         var._buffer = part
                     elif kind == "grads":
                         self._grad_buffers[(i, None)] = {"grads": part}
                     elif kind == "ema":
-                        part.write(var.numpy())
+                        fills.append((part.host, var._buffer.host, var._buffer))
                         averages[i] = Variable._over(part, f"{var.name}/average", var.device)
                     else:
                         slots[kind][i] = Variable._over(part, f"{var.name}/{kind}", var.device)

@@ -281,9 +281,10 @@ class Optimizer(GroupSteps, Training):
         self._own_groups = {}        # set by _build_flat
         self._pads = {}              # a chain's padding buffers (groups._padding)
         self._grad_buffers = {}      # (variable index, None | bucket) -> staging buffer(s), made once
+        fills = []                   # what the flat arenas are to hold: written while the step compiles
         if device.mappable and device.driver in flat.DRIVERS and \
                 not any(isinstance(v._buffer, flat.ImportedBuffer) for v in var_list):
-            slots, averages = self._build_flat(var_list, excluded, device)
+            slots, averages = self._build_flat(var_list, excluded, device, fills)
         else:
             slots = {k: [Variable(np.zeros(v.shape, numpy_dtype(slot_dtype(v.dtype))), name=f"{v.name}/{k}",
                                   device=v.device) for v in var_list] for k in self._slot_names}
@@ -299,16 +300,19 @@ class Optimizer(GroupSteps, Training):
         self._twinned = False        # a step has a twin on the calling thread (groups._form)
         self._decay_excluded = excluded
         self.built = True
-        if self.jit_compile and compile_step:
-            try:
+        filling = flat.fill_meanwhile(fills)
+        try:
+            if self.jit_compile and compile_step:
                 everything = tuple(range(len(var_list)))
                 if self._groups_apply(everything, (None,) * len(var_list)):
                     self._prepare_groups()
                 else:
                     self._prepare(everything, (None,) * len(var_list))
-            except BaseException:
-                self.built = False
-                raise
+        except BaseException:
+            self.built = False
+            raise
+        finally:
+            filling.join()
 
     def _prepared_step(self, spec, buffers, grad_buffers, device=None):
         """A ``PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,

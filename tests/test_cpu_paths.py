@@ -546,3 +546,48 @@ def test_a_chain_follows_its_clipping_when_it_changes_between_steps():
             np.testing.assert_allclose(opt._slots["m"][k].numpy(), want, rtol=2e-5, atol=2e-6 * np.abs(want).max(),
                                        err_msg=f"{variables[k].name} at step {step}")
     assert len(opt._prepared) == 3 and all(isinstance(p.module, StepChain) for p in opt._prepared.values())
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_large_model_is_moved_into_its_arenas_while_its_step_compiles(fails, monkeypatch):
+    """From flat.PARALLEL_MIN_BYTES on, the arenas are written (zeros, the variables' values)
+    on a thread while the step compiles, and that is done when ``build`` returns, also when
+    the compile fails: values, slots and averages are as they should be, and the first step
+    matches the reference."""
+    import time
+    from ireeopt.runtime import cache
+
+    fill = flat.fill
+
+    def slow_fill(fills):               # (still writing when a compile that fails has failed)
+        time.sleep(0.3)
+        fill(fills)
+
+    monkeypatch.setattr(flat, "fill", slow_fill)
+    shapes = [(1 << 19,), ((1 << 19) + 16 * fails,), (300,)]    # 4 MiB of parameters and more (not compiled yet)
+    rng, variables, _, _ = _model(21, shapes)
+    init = [v.numpy() for v in variables]
+    opt = ireeopt.Adam(learning_rate=0.01, use_ema=True)
+    if fails:
+        def no_compiler(specs, target):
+            raise RuntimeError("no compiler here")
+        monkeypatch.setattr(cache, "_compile_all", no_compiler)
+        with pytest.raises(RuntimeError, match="no compiler here"):
+            opt.build(variables)
+        assert not opt.built
+    else:
+        opt.build(variables)
+    for v, want in zip(variables, init):
+        np.testing.assert_array_equal(v.numpy(), want)
+    if fails:
+        return
+    for k in opt._slot_names:
+        assert all(not s.numpy().any() for s in opt._slots[k])
+    for a, want in zip(opt._averages, init):
+        np.testing.assert_array_equal(a.numpy(), want)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    ref = Reference("adam", init, [v.name for v in variables], learning_rate=0.01, use_ema=True)
+    opt.apply_gradients(zip(grads, variables))
+    ref.step(grads)
+    for v, want in zip(variables, ref.p):
+        np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6)
