@@ -183,9 +183,18 @@ class GroupSteps:
         """The gradient staging of every variable, in order (what a group step fills)."""
         return [self._grad_buffers[(i, None)] for i in range(len(self._vars))]
 
-    def _group_spec(self, groups):
-        return self._structure([VarSpec(self._group_buffers["params"][j].shape, self._groups[j][0]) for j in groups],
+    def _group_spec(self, groups, norms_given=False):
+        """The spec of a step over ``groups``: for float32 groups that agree on weight decay
+        and sum no norm in the step (``norms_given``: a chain's), a step of any lengths
+        (``dynamic_spec``: compiled once for every model with that many such groups, and maybe
+        shipped lowered: compiler/lowered.py), else of their sizes (a norm is summed by rows
+        that divide the size: kernels/clipping.py)."""
+        spec = self._structure([VarSpec(self._group_buffers["params"][j].shape, self._groups[j][0]) for j in groups],
                                [not self._groups[j][1] for j in groups])
+        if len(set(spec.decay)) == 1 and all(v.dtype == "float32" for v in spec.variables) and \
+                (norms_given or spec.clip not in ("clipnorm", "global_clipnorm")):
+            return dynamic_spec(spec, len(groups))
+        return spec
 
     def _call_buffers(self, spec, groups, device, hyper=None, norms=None):
         """The buffers of a step over ``groups`` (``spec``'s variable ``k`` is ``groups[k]``,
@@ -288,10 +297,10 @@ class GroupSteps:
         lengths (the last call's groups padded with None: ``_padding``), so that a chain
         compiles one such step per weight-decay class; ``form(spec)`` gives the form of each spec
         (``norms="given"`` or as it is)."""
-        links = [(others, form(self._group_spec(others)))] if others else []
+        links = [(others, form(self._group_spec(others, form is _norms_given)))] if others else []
         for start in range(0, len(own), CHAIN_WIDTH):
             groups = own[start:start + CHAIN_WIDTH]
-            spec = dynamic_spec(form(self._group_spec(groups)), CHAIN_WIDTH)
+            spec = dynamic_spec(form(self._group_spec(groups, form is _norms_given)), CHAIN_WIDTH)
             links.append((groups + [None] * (CHAIN_WIDTH - len(groups)), spec))
         return links
 

@@ -392,7 +392,9 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
     # the small variables' step (one group, or under clipnorm their two slices), then the
     # other large ones (8, then 3 and 5 padding) and, excluded from weight decay, w3 (and 7)
     assert widths == [2 if "clipnorm" in kwargs else 1, 8, 8, 8], widths
-    assert all(module.spec.dynamic for module, _ in chain.calls[1:]) and not chain.calls[0][0].spec.dynamic
+    # every step is one of any lengths, but that over the small variables' slices (clipnorm)
+    assert all(module.spec.dynamic for module, _ in chain.calls[1:])
+    assert chain.calls[0][0].spec.dynamic == ("clipnorm" not in kwargs)
     steps = {id(module) for module, _ in chain.calls[1:]}
     assert len(steps) == (2 if "weight_decay" in kwargs else 1)
     # padding positions 1-7, each with its own parameters, gradient, slots, average, norm
@@ -564,10 +566,10 @@ def test_a_large_model_is_moved_into_its_arenas_while_its_step_compiles(fails, m
         fill(fills)
 
     monkeypatch.setattr(flat, "fill", slow_fill)
-    shapes = [(1 << 19,), ((1 << 19) + 16 * fails,), (300,)]    # 4 MiB of parameters and more (not compiled yet)
+    shapes = [(1 << 19,), (1 << 19,), (300,)]             # 4 MiB of parameters and more
     rng, variables, _, _ = _model(21, shapes)
     init = [v.numpy() for v in variables]
-    opt = ireeopt.Adam(learning_rate=0.01, use_ema=True)
+    opt = ireeopt.Adam(learning_rate=0.01, use_ema=True, amsgrad=fails)     # (failing: not compiled yet)
     if fails:
         def no_compiler(specs, target):
             raise RuntimeError("no compiler here")
