@@ -20,22 +20,15 @@ import threading
 import time
 
 from ..compiler.targets import step_flags
+from ..kernels import sources_hash as kernel_sources
 from .module import LoadedModule
 
 _memory = {}
 _lock = threading.Lock()
-_KERNELS = pathlib.Path(__file__).resolve().parent.parent / "kernels"
 
 
 def iree_version():
     return importlib.metadata.version("iree-base-runtime")
-
-
-def _kernel_sources_hash():
-    h = hashlib.sha256()
-    for path in sorted(_KERNELS.glob("*.py")):
-        h.update(path.name.encode() + path.read_bytes())
-    return h.hexdigest()
 
 
 def _host_cpu():
@@ -53,7 +46,7 @@ _STATIC = {}
 def _static():
     """What every cached module also depends on: kernel sources, host CPU, IREE version."""
     if not _STATIC:
-        _STATIC.update(kernels=_kernel_sources_hash(), cpu=_host_cpu(), iree=iree_version())
+        _STATIC.update(kernels=kernel_sources(), cpu=_host_cpu(), iree=iree_version())
     return _STATIC
 
 
@@ -142,12 +135,17 @@ def compile_vmfbs(specs, target):
 
 
 def _compile_all(specs, target):
-    """The vmfb of each spec: lowered here, one after another, each compiled in a thread of
-    its own (iree-compile runs as a process) while the next is lowered."""
+    """The vmfb of each spec: lowered here (or shipped lowered: compiler/lowered.py), one
+    after another, each compiled in a thread of its own (iree-compile runs as a process)
+    while the next is lowered."""
     from ..compiler import compile_mlir, lower_step   # JAX-free to import; jax and iree.compiler load inside
+    from ..compiler.lowered import shipped
+
+    def lower(spec):
+        return shipped(spec) or lower_step(spec)
 
     if len(specs) == 1:
-        return [compile_mlir(lower_step(specs[0]), step_flags(target, specs[0]))]
+        return [compile_mlir(lower(specs[0]), step_flags(target, specs[0]))]
     results = [None] * len(specs)
 
     def compile_one(k, text):
@@ -159,7 +157,7 @@ def _compile_all(specs, target):
     threads = []
     try:
         for k, spec in enumerate(specs):
-            thread = threading.Thread(target=compile_one, args=(k, lower_step(spec)), daemon=True)
+            thread = threading.Thread(target=compile_one, args=(k, lower(spec)), daemon=True)
             thread.start()
             threads.append(thread)
     finally:

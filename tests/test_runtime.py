@@ -100,6 +100,49 @@ def test_second_process_uses_the_disk_cache_without_jax(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
+def test_the_shipped_lowered_steps_are_current():
+    """compiler/lowered.json.gz holds, for these kernel sources, exactly what ``lower_step``
+    makes of each shipped spec (after changing a kernel: ``python -m ireeopt.compiler.lowered``)."""
+    from ireeopt.compiler import lowered
+    from ireeopt.compiler.trace import lower_step
+
+    specs = lowered.shipped_specs()
+    assert len(specs) == 27 and all(spec.dynamic for spec in specs)
+    for spec in specs:
+        assert lowered.shipped(spec) == lower_step(spec), spec
+
+
+def test_a_common_step_compiles_without_jax(tmp_path):
+    """With an empty compile cache and jax blocked, Adam and Adamax over 200 small variables
+    (one float32 group: a shipped step) compile from the shipped StableHLO, and the values
+    are the float64 reference's."""
+    from .reference import Reference
+
+    code = textwrap.dedent("""
+        import sys, numpy as np
+        sys.modules["jax"] = None
+        import ireeopt
+        kind = sys.argv[1]
+        rng = np.random.default_rng(3)
+        variables = [ireeopt.Variable(rng.standard_normal(327).astype(np.float32), name=f"w{i}") for i in range(200)]
+        opt = ireeopt.Adam(learning_rate=0.01) if kind == "adam" else ireeopt.Adamax(learning_rate=0.01)
+        for _ in range(3):
+            opt.apply_gradients([(rng.standard_normal(327).astype(np.float32), v) for v in variables])
+        np.save(sys.argv[2], np.stack([v.numpy() for v in variables]))
+    """)
+    for kind in ("adam", "adamax"):
+        env = dict(os.environ, IREEOPT_CACHE_DIR=str(tmp_path / f"cache-{kind}"))
+        done = subprocess.run([sys.executable, "-c", code, kind, str(tmp_path / f"{kind}.npy")], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        rng = np.random.default_rng(3)
+        init = [rng.standard_normal(327).astype(np.float32) for _ in range(200)]
+        ref = Reference(kind, init, [f"w{i}" for i in range(200)], learning_rate=0.01)
+        for _ in range(3):
+            ref.step([rng.standard_normal(327).astype(np.float32) for _ in range(200)])
+        np.testing.assert_allclose(np.load(tmp_path / f"{kind}.npy"), np.stack(ref.p), rtol=2e-5, atol=2e-6)
+
+
 def test_a_cache_miss_without_the_compiler_says_what_to_do(tmp_path):
     code = textwrap.dedent("""
         import sys, numpy as np

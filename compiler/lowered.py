@@ -1,0 +1,67 @@
+"""Steps shipped lowered: the StableHLO of the most common steps, made by ``lower_step``
+ahead of time and kept in ``lowered.json.gz``, so that a first call that needs one of them
+compiles it without importing jax (~0.9 s of a cold first call here; a process that finds
+every step it needs here or in the compile cache never imports jax).
+
+Which (``SHIPPED``): the steps of any lengths (``kernels.step.dynamic_spec``) over 1 to 9
+float32 groups, the runtime's group steps and chain calls on the CPU (runtime/groups.py),
+for Adam, AdamW (Adam with weight decay) and Adamax with their other settings at their
+defaults (no clipping, amsgrad or EMA).  A text is used only with the kernel sources it was
+lowered from (``kernels.sources_hash`` is part of its key): after a kernel changes, the
+steps are lowered by jax again until the file is rewritten::
+
+    python -m ireeopt.compiler.lowered          # (tests/test_runtime.py checks it is current)
+"""
+import gzip
+import hashlib
+import json
+import pathlib
+
+from ..kernels import sources_hash
+from ..kernels.step import StepSpec, VarSpec, dynamic_spec
+
+FILE = pathlib.Path(__file__).with_name("lowered.json.gz")
+MAX_GROUPS = 9
+_loaded = {}            # "steps": {key: text}, "kernels": this process's kernel sources hash
+
+
+def shipped_specs():
+    """The specs of ``lowered.json.gz``."""
+    settings = [("adam", False), ("adam", True), ("adamax", False)]
+    return [dynamic_spec(StepSpec(kind, (VarSpec((1,), "float32"),), (decay,)), count)
+            for kind, decay in settings for count in range(1, MAX_GROUPS + 1)]
+
+
+def _key(spec, kernels):
+    return hashlib.sha256(json.dumps({"spec": spec.to_json(), "kernels": kernels}, sort_keys=True).encode()).hexdigest()
+
+
+def shipped(spec):
+    """The shipped StableHLO of ``spec`` for these kernel sources, or None."""
+    if not spec.dynamic:
+        return None
+    if not _loaded:
+        try:
+            steps = json.loads(gzip.decompress(FILE.read_bytes()))["steps"]
+        except (OSError, ValueError, KeyError):
+            steps = {}
+        _loaded.update(steps=steps, kernels=sources_hash())
+    return _loaded["steps"].get(_key(spec, _loaded["kernels"]))
+
+
+def write(path=FILE):
+    """Lower every spec of ``shipped_specs`` (needs jax) and write them to ``path``."""
+    import jax
+
+    from .trace import lower_step
+
+    kernels = sources_hash()
+    steps = {_key(spec, kernels): lower_step(spec) for spec in shipped_specs()}
+    data = {"jax": jax.__version__, "kernels": kernels, "steps": steps}
+    pathlib.Path(path).write_bytes(gzip.compress(json.dumps(data, sort_keys=True).encode(), mtime=0))
+    _loaded.clear()
+    return len(steps)
+
+
+if __name__ == "__main__":
+    print(f"wrote {write()} lowered steps to {FILE}")
