@@ -3,10 +3,9 @@ ahead of time and kept in ``lowered.json.gz``, so that a first call that needs o
 compiles it without importing jax (~0.9 s of a cold first call here; a process that finds
 every step it needs here or in the compile cache never imports jax).
 
-Which (``SHIPPED``): the steps of any lengths (``kernels.step.dynamic_spec``) over 1 to 9
-float32 groups, the runtime's group steps and chain calls on the CPU (runtime/groups.py),
-for Adam, AdamW (Adam with weight decay) and Adamax with their other settings at their
-defaults (no clipping, amsgrad or EMA).  A text is used only with the kernel sources it was
+Which (``shipped_specs``): steps of any lengths (``kernels.step.dynamic_spec``) over float32
+groups, the runtime's group steps and chain calls on the CPU (runtime/groups.py), for Adam,
+AdamW (Adam with weight decay) and Adamax without amsgrad or EMA.  A text is used only with the kernel sources it was
 lowered from (``kernels.sources_hash`` is part of its key): after a kernel changes, the
 steps are lowered by jax again until the file is rewritten::
 
@@ -25,11 +24,20 @@ MAX_GROUPS = 9
 _loaded = {}            # "steps": {key: text}, "kernels": this process's kernel sources hash
 
 
+#: the variables of a chain's calls (runtime/groups.py CHAIN_WIDTH)
+CHAIN_WIDTH = 8
+
+
 def shipped_specs():
-    """The specs of ``lowered.json.gz``."""
-    settings = [("adam", False), ("adam", True), ("adamax", False)]
-    return [dynamic_spec(StepSpec(kind, (VarSpec((1,), "float32"),), (decay,)), count)
-            for kind, decay in settings for count in range(1, MAX_GROUPS + 1)]
+    """The specs of ``lowered.json.gz``: for Adam, AdamW and Adamax, steps over 1 to
+    MAX_GROUPS groups without clipping or under clipvalue, and the steps a chain calls when
+    it clips by a norm, which it is given (``norms="given"``: its CHAIN_WIDTH variables, and
+    under global_clipnorm the other groups', mostly one)."""
+    forms = [(None, None, range(1, MAX_GROUPS + 1)), ("clipvalue", None, range(1, MAX_GROUPS + 1)),
+             ("clipnorm", "given", (CHAIN_WIDTH,)), ("global_clipnorm", "given", (1, CHAIN_WIDTH))]
+    return [dynamic_spec(StepSpec(kind, (VarSpec((1,), "float32"),), (decay,), clip, norms=norms), count)
+            for kind, decay in (("adam", False), ("adam", True), ("adamax", False))
+            for clip, norms, counts in forms for count in counts]
 
 
 def _key(spec, kernels):

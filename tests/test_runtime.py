@@ -105,9 +105,11 @@ def test_the_shipped_lowered_steps_are_current():
     makes of each shipped spec (after changing a kernel: ``python -m ireeopt.compiler.lowered``)."""
     from ireeopt.compiler import lowered
     from ireeopt.compiler.trace import lower_step
+    from ireeopt.runtime import groups
 
     specs = lowered.shipped_specs()
-    assert len(specs) == 27 and all(spec.dynamic for spec in specs)
+    assert len(specs) == 63 and all(spec.dynamic for spec in specs)
+    assert lowered.CHAIN_WIDTH == groups.CHAIN_WIDTH and lowered.MAX_GROUPS == groups.CHAIN_MIN_GROUPS + 1
     for spec in specs:
         assert lowered.shipped(spec) == lower_step(spec), spec
 
