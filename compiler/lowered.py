@@ -30,11 +30,11 @@ CHAIN_WIDTH = 8
 
 def shipped_specs():
     """The specs of ``lowered.json.gz``: for Adam, AdamW and Adamax, steps over 1 to
-    MAX_GROUPS groups without clipping, under clipvalue, and under global_clipnorm given
-    the norm (``norms="given"``: a small model's group step, a chain's calls), and a chain's
-    calls under clipnorm (given each variable's norm: CHAIN_WIDTH variables)."""
+    MAX_GROUPS groups without clipping or under clipvalue, and the steps a chain calls when
+    it clips by a norm, which it is given (``norms="given"``: its CHAIN_WIDTH variables, and
+    under global_clipnorm the other groups', mostly one)."""
     forms = [(None, None, range(1, MAX_GROUPS + 1)), ("clipvalue", None, range(1, MAX_GROUPS + 1)),
-             ("clipnorm", "given", (CHAIN_WIDTH,)), ("global_clipnorm", "given", range(1, MAX_GROUPS + 1))]
+             ("clipnorm", "given", (CHAIN_WIDTH,)), ("global_clipnorm", "given", (1, CHAIN_WIDTH))]
     return [dynamic_spec(StepSpec(kind, (VarSpec((1,), "float32"),), (decay,), clip, norms=norms), count)
             for kind, decay in (("adam", False), ("adam", True), ("adamax", False))
             for clip, norms, counts in forms for count in counts]

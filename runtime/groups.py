@@ -35,11 +35,6 @@ TASK_MIN_PARAMS = 1 << 19
 #: caller's time per step, each compiled step ~0.7-1 s of the first call
 CHAIN_MIN_GROUPS = 8
 CHAIN_WIDTH = 8
-#: below this many parameters, a group step under global_clipnorm is given its gradients'
-#: norm, summed on the host (numpy, ~10-20 us at 2^16), instead of summing it itself
-#: (``_prepare_group_step``); from there on the host's extra pass over the gradients costs
-#: more (200 x 2^24/200: 23 ms against 15 plain, in a chain)
-GIVEN_NORM_BELOW = 1 << 19
 #: below this many parameters in all, a step that leaves some variables without a
 #: gradient always runs as the group step (``_restorable``)
 SUBSET_GROUPS_BELOW = 1 << 19
@@ -227,19 +222,11 @@ class GroupSteps:
                 if kind == "grads" and groups[k] in own}
 
     def _prepare_group_step(self, device):
-        """One compiled step over all groups, one dispatch each, on ``device``.  Under
-        global_clipnorm, below GIVEN_NORM_BELOW parameters, the step is given the gradients'
-        norm, summed on the host (``_host_norms``), as a chain is: it is then a step of any
-        lengths (maybe shipped lowered) where a norm summed in the step keeps its sizes."""
+        """One compiled step over all groups, one dispatch each, on ``device``."""
         groups = list(range(len(self._groups)))
-        given = self.jit_compile and self._clip()[0] == "global_clipnorm" and \
-            sum(b.shape[0] for b in self._group_buffers["params"]) < GIVEN_NORM_BELOW
-        spec = _norms_given(self._group_spec(groups, True)) if given else self._group_spec(groups)
-        hyper = flat.host_buffer(device, (len(spec.scalars),), "float32") if given else None
-        buffers = self._call_buffers(spec, groups, device, hyper)
+        spec = self._group_spec(groups)
+        buffers = self._call_buffers(spec, groups, device)
         prepared = self._prepared_step(spec, buffers, self._all_staging(), device)
-        if given:
-            prepared.hyper, prepared.norms = hyper, "global_clipnorm"
         if self._own_groups and prepared.module is not None:
             prepared.bindings = flat.GradientBindings(prepared.module, buffers,
                                                       self._own_arguments(spec, groups, self._own_groups))
@@ -294,7 +281,7 @@ class GroupSteps:
         ``prepared.own_norms``) or, summed over every group (the staging of the others,
         padding and variables without a gradient being zeros), into the step's ``scalars``
         (global_clipnorm)."""
-        bound = prepared.bindings.bound if prepared.bindings is not None else dict.fromkeys(self._own_groups)
+        bound = prepared.bindings.bound
         own = list(self._own_groups)
         arrays = [self._group_buffers["grads"][j].host if bound[j] is None else bound[j].host for j in own]
         if prepared.norms == "clipnorm":

@@ -593,28 +593,3 @@ def test_a_large_model_is_moved_into_its_arenas_while_its_step_compiles(fails, m
     ref.step(grads)
     for v, want in zip(variables, ref.p):
         np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6)
-
-
-def test_a_small_model_under_global_clipnorm_is_given_its_norm():
-    """Below GIVEN_NORM_BELOW parameters a group step under global_clipnorm is given its
-    gradients' norm, summed on the host, and is a step of any lengths: the clipped values
-    (gradients large enough to clip, one variable left without one at a step) match the
-    float64 reference."""
-    from ireeopt.runtime import groups
-
-    shapes = [(327,)] * 20 + [(7, 3)]
-    rng, variables, _, _ = _model(51, shapes)
-    opt = ireeopt.AdamW(learning_rate=0.01, global_clipnorm=1.0)
-    ref = Reference("adamw", [v.numpy() for v in variables], [v.name for v in variables], learning_rate=0.01,
-                    global_clipnorm=1.0)
-    for step in range(3):
-        grads = [rng.standard_normal(s).astype(np.float32) * 10 for s in shapes]
-        if step == 1:
-            grads[3] = None
-        opt.apply_gradients([(g, v) for g, v in zip(grads, variables)])
-        ref.step(grads)
-        for v, want in zip(variables, ref.p):
-            np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
-    (prepared,) = opt._prepared.values()
-    assert prepared.norms == "global_clipnorm" and prepared.spec.dynamic and prepared.spec.norms == "given"
-    assert sum(size_of(s) for s in shapes) < groups.GIVEN_NORM_BELOW

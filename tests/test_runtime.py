@@ -108,7 +108,7 @@ def test_the_shipped_lowered_steps_are_current():
     from ireeopt.runtime import groups
 
     specs = lowered.shipped_specs()
-    assert len(specs) == 84 and all(spec.dynamic for spec in specs)
+    assert len(specs) == 63 and all(spec.dynamic for spec in specs)
     assert lowered.CHAIN_WIDTH == groups.CHAIN_WIDTH and lowered.MAX_GROUPS == groups.CHAIN_MIN_GROUPS + 1
     for spec in specs:
         assert lowered.shipped(spec) == lower_step(spec), spec
