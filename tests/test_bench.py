@@ -36,3 +36,12 @@ def test_bench_rejects_fewer_than_one_process(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode != 0 and "--processes must be at least 1" in done.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_first_call_bench_compiles_in_a_cold_process():
+    """bench/first_call.py: a fresh process with an empty compile cache compiles and runs its
+    first step (a shipped step: without importing jax)."""
+    from ireeopt.bench.first_call import first_call
+
+    seconds, jax = first_call(4000, 20)
+    assert 0 < seconds < 60 and jax is False
