@@ -5,4 +5,4 @@ ireeopt.compiler`` itself is cheap and JAX-free.
 """
 from .targets import target_flags  # noqa: F401
 from .trace import lower_step  # noqa: F401
-from .iree import compile_mlir, compile_step  # noqa: F401
+from .iree import compile_mlir  # noqa: F401
