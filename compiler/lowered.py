@@ -5,9 +5,10 @@ every step it needs here or in the compile cache never imports jax).
 
 Which (``shipped_specs``): steps of any lengths (``kernels.step.dynamic_spec``) over float32
 groups, the runtime's group steps and chain calls on the CPU (runtime/groups.py), for Adam,
-AdamW (Adam with weight decay) and Adamax without amsgrad or EMA.  A text is used only with the kernel sources it was
-lowered from (``kernels.sources_hash`` is part of its key): after a kernel changes, the
-steps are lowered by jax again until the file is rewritten::
+AdamW (Adam with weight decay) and Adamax without amsgrad or EMA.  A text is used only with
+the kernel sources and the lowering (compiler/trace.py) it was made from (their hashes are
+part of its key): after either changes, the steps are lowered by jax again until the file
+is rewritten::
 
     python -m ireeopt.compiler.lowered          # (tests/test_runtime.py checks it is current)
 """
@@ -18,10 +19,11 @@ import pathlib
 
 from ..kernels import sources_hash
 from ..kernels.step import StepSpec, VarSpec, dynamic_spec
+from .trace import lowering_hash
 
 FILE = pathlib.Path(__file__).with_name("lowered.json.gz")
 MAX_GROUPS = 9
-_loaded = {}            # "steps": {key: text}, "kernels": this process's kernel sources hash
+_loaded = {}            # "steps": {key: text}, "sources": this process's (``_sources``)
 
 
 #: the variables of a chain's calls (runtime/groups.py CHAIN_WIDTH)
@@ -40,8 +42,13 @@ def shipped_specs():
             for clip, norms, counts in forms for count in counts]
 
 
-def _key(spec, kernels):
-    return hashlib.sha256(json.dumps({"spec": spec.to_json(), "kernels": kernels}, sort_keys=True).encode()).hexdigest()
+def _key(spec, sources):
+    return hashlib.sha256(json.dumps({"spec": spec.to_json(), "sources": sources}, sort_keys=True).encode()).hexdigest()
+
+
+def _sources():
+    """What a shipped text was lowered from: the kernel sources and the lowering itself."""
+    return {"kernels": sources_hash(), "lowering": lowering_hash()}
 
 
 def shipped(spec):
@@ -53,19 +60,19 @@ def shipped(spec):
             steps = json.loads(gzip.decompress(FILE.read_bytes()))["steps"]
         except (OSError, ValueError, KeyError):
             steps = {}
-        _loaded.update(steps=steps, kernels=sources_hash())
-    return _loaded["steps"].get(_key(spec, _loaded["kernels"]))
+        _loaded.update(steps=steps, sources=_sources())
+    return _loaded["steps"].get(_key(spec, _loaded["sources"]))
 
 
 def write(path=FILE):
     """Lower every spec of ``shipped_specs`` (needs jax) and write them to ``path``."""
     import jax
 
-    from .trace import lower_step
+    from .trace import lower_step   # (jax is imported inside)
 
-    kernels = sources_hash()
-    steps = {_key(spec, kernels): lower_step(spec) for spec in shipped_specs()}
-    data = {"jax": jax.__version__, "kernels": kernels, "steps": steps}
+    sources = _sources()
+    steps = {_key(spec, sources): lower_step(spec) for spec in shipped_specs()}
+    data = {"jax": jax.__version__, "sources": sources, "steps": steps}
     pathlib.Path(path).write_bytes(gzip.compress(json.dumps(data, sort_keys=True).encode(), mtime=0))
     _loaded.clear()
     return len(steps)

@@ -1,5 +1,13 @@
 """StepSpec -> StableHLO text, with every state argument donated."""
+import hashlib
+import pathlib
 import re
+
+
+def lowering_hash():
+    """sha256 of this file: how a step is lowered (its function's arguments among it), which a
+    compiled or shipped step depends on as much as on the kernels."""
+    return hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()
 
 
 def lower_step(spec):

@@ -20,6 +20,7 @@ import threading
 import time
 
 from ..compiler.targets import step_flags
+from ..compiler.trace import lowering_hash
 from ..kernels import sources_hash as kernel_sources
 from .module import LoadedModule
 
@@ -44,9 +45,10 @@ _STATIC = {}
 
 
 def _static():
-    """What every cached module also depends on: kernel sources, host CPU, IREE version."""
+    """What every cached module also depends on: kernel sources, how they are lowered, host
+    CPU, IREE version."""
     if not _STATIC:
-        _STATIC.update(kernels=kernel_sources(), cpu=_host_cpu(), iree=iree_version())
+        _STATIC.update(kernels=kernel_sources(), lowering=lowering_hash(), cpu=_host_cpu(), iree=iree_version())
     return _STATIC
 
 
