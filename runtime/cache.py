@@ -104,9 +104,10 @@ def compile_vmfb(spec, target):
 
 def compile_vmfbs(specs, target):
     """vmfb bytes for each of ``specs`` on ``target``, from the disk cache or fresh compiles.
-    Those to compile are lowered one after another (jax) and compiled at the same time, each
-    by an iree-compile process of its own started as soon as its StableHLO is ready: on 2
-    cores a first call that needs 2 steps took ~1.0 s of iree-compile against 1.8."""
+    Those to compile are lowered one after another (by jax, unless shipped lowered:
+    compiler/lowered.py) and compiled at the same time, each by an iree-compile process of its
+    own started as soon as its StableHLO is ready: on 2 cores a first call that needs 2 steps
+    took ~1.0 s of iree-compile against 1.8."""
     paths = [cache_dir() / f"{cache_key(spec, target)}.vmfb" for spec in specs]
     out = []
     for path in paths:
