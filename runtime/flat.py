@@ -87,21 +87,32 @@ def fill(fills):
 
 def fill_meanwhile(fills):
     """Start ``fill(fills)`` on a thread of its own (numpy releases the GIL while it writes),
-    from PARALLEL_MIN_BYTES on; returns what to ``join()`` before the memory is used."""
-    if sum(dst.nbytes for dst, *_ in fills) < PARALLEL_MIN_BYTES or _CORES < 2:
-        fill(fills)
-        return _DONE
-    thread = threading.Thread(target=fill, args=(fills,), name="ireeopt-fill", daemon=True)
-    thread.start()
-    return thread
+    from PARALLEL_MIN_BYTES on; returns what to ``join()`` before the memory is used (which
+    raises what the fill raised)."""
+    return _Filling(fills, sum(dst.nbytes for dst, *_ in fills) >= PARALLEL_MIN_BYTES and _CORES > 1)
 
 
-class _Done:
+class _Filling:
+    def __init__(self, fills, meanwhile):
+        self.error = None
+        if not meanwhile:
+            fill(fills)
+            self.thread = None
+            return
+        self.thread = threading.Thread(target=self._run, args=(fills,), name="ireeopt-fill", daemon=True)
+        self.thread.start()
+
+    def _run(self, fills):
+        try:
+            fill(fills)
+        except BaseException as e:      # re-raised by join, in the caller's thread
+            self.error = e
+
     def join(self):
-        pass
-
-
-_DONE = _Done()
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def layout(shapes, dtype):

@@ -300,19 +300,20 @@ class Optimizer(GroupSteps, Training):
         self._twinned = False        # a step has a twin on the calling thread (groups._form)
         self._decay_excluded = excluded
         self.built = True
-        filling = flat.fill_meanwhile(fills)
         try:
-            if self.jit_compile and compile_step:
-                everything = tuple(range(len(var_list)))
-                if self._groups_apply(everything, (None,) * len(var_list)):
-                    self._prepare_groups()
-                else:
-                    self._prepare(everything, (None,) * len(var_list))
+            filling = flat.fill_meanwhile(fills)
+            try:
+                if self.jit_compile and compile_step:
+                    everything = tuple(range(len(var_list)))
+                    if self._groups_apply(everything, (None,) * len(var_list)):
+                        self._prepare_groups()
+                    else:
+                        self._prepare(everything, (None,) * len(var_list))
+            finally:
+                filling.join()
         except BaseException:
             self.built = False
             raise
-        finally:
-            filling.join()
 
     def _prepared_step(self, spec, buffers, grad_buffers, device=None):
         """A ``PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,

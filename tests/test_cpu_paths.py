@@ -593,3 +593,16 @@ def test_a_large_model_is_moved_into_its_arenas_while_its_step_compiles(fails, m
     ref.step(grads)
     for v, want in zip(variables, ref.p):
         np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6)
+
+
+def test_a_fill_that_fails_on_its_thread_fails_the_build(monkeypatch):
+    """What the arenas' fill raises on its thread is raised by ``build`` (not lost with the
+    thread), which leaves the optimizer unbuilt."""
+    def broken(fills):
+        raise MemoryError("no pages left")
+
+    monkeypatch.setattr(flat, "fill", broken)
+    _, variables, opt, _ = _model(22, [(1 << 19,), (1 << 19,)])
+    with pytest.raises(MemoryError, match="no pages left"):
+        opt.build(variables)
+    assert not opt.built
