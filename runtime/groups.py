@@ -292,8 +292,8 @@ class GroupSteps:
         scalars[prepared.spec.scalars.index("sumsq")] = sum(flat.squared_norms(arrays))
 
     def _chain_links(self, others, own, form):
-        """(groups, spec) of each call of a chain over the groups ``others`` (one static
-        step, if any) and then the own groups ``own``, CHAIN_WIDTH a call by one step of any
+        """(groups, spec) of each call of a chain over the groups ``others`` (one step, if
+        any: ``_group_spec``) and then the own groups ``own``, CHAIN_WIDTH a call by one step of any
         lengths (the last call's groups padded with None: ``_padding``), so that a chain
         compiles one such step per weight-decay class; ``form(spec)`` gives the form of each spec
         (``norms="given"`` or as it is)."""
