@@ -17,8 +17,8 @@ into its staging buffer (``copy_in``).
 """
 import ctypes
 import os
-import threading
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -86,33 +86,17 @@ def fill(fills):
 
 
 def fill_meanwhile(fills):
-    """Start ``fill(fills)`` on a thread of its own (numpy releases the GIL while it writes),
-    from PARALLEL_MIN_BYTES on; returns what to ``join()`` before the memory is used (which
-    raises what the fill raised)."""
-    return _Filling(fills, sum(dst.nbytes for dst, *_ in fills) >= PARALLEL_MIN_BYTES and _CORES > 1)
-
-
-class _Filling:
-    def __init__(self, fills, meanwhile):
-        self.error = None
-        if not meanwhile:
-            fill(fills)
-            self.thread = None
-            return
-        self.thread = threading.Thread(target=self._run, args=(fills,), name="ireeopt-fill", daemon=True)
-        self.thread.start()
-
-    def _run(self, fills):
-        try:
-            fill(fills)
-        except BaseException as e:      # re-raised by join, in the caller's thread
-            self.error = e
-
-    def join(self):
-        if self.thread is not None:
-            self.thread.join()
-        if self.error is not None:
-            raise self.error
+    """``fill(fills)``, from PARALLEL_MIN_BYTES on started on the pool's thread (numpy
+    releases the GIL while it writes); returns a Future whose ``result()`` waits for it (and
+    raises what it raised) before the memory is used."""
+    if sum(dst.nbytes for dst, *_ in fills) >= PARALLEL_MIN_BYTES and _CORES > 1:
+        return _the_pool().submit(fill, fills)
+    done = Future()
+    try:
+        done.set_result(fill(fills))
+    except BaseException as e:
+        done.set_exception(e)
+    return done
 
 
 def layout(shapes, dtype):
@@ -223,11 +207,15 @@ def _on_cores(fn, parts):
     the pool's (made once, one thread per core but this one)."""
     if not parts:
         return []
-    if not _pool:
-        from concurrent.futures import ThreadPoolExecutor
-        _pool.append(ThreadPoolExecutor(_CORES - 1, thread_name_prefix="ireeopt-copy"))
-    futures = [_pool[0].submit(fn, p) for p in parts[1:]]
+    futures = [_the_pool().submit(fn, p) for p in parts[1:]]
     return [fn(parts[0])] + [f.result() for f in futures]
+
+
+def _the_pool():
+    """The pool of one thread per core but the caller's (made once)."""
+    if not _pool:
+        _pool.append(ThreadPoolExecutor(_CORES - 1, thread_name_prefix="ireeopt-copy"))
+    return _pool[0]
 
 
 def _splittable(dst, src):

@@ -310,7 +310,7 @@ class Optimizer(GroupSteps, Training):
                     else:
                         self._prepare(everything, (None,) * len(var_list))
             finally:
-                filling.join()
+                filling.result()
         except BaseException:
             self.built = False
             raise
