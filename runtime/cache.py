@@ -139,37 +139,17 @@ def compile_vmfbs(specs, target):
 
 def _compile_all(specs, target):
     """The vmfb of each spec: lowered here (or shipped lowered: compiler/lowered.py), one
-    after another, each compiled in a thread of its own (iree-compile runs as a process)
-    while the next is lowered."""
+    after another, each compiled on a thread of its own (iree-compile runs as a process)
+    while the next is lowered; a failure is raised once all are done."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from ..compiler import compile_mlir, lower_step   # JAX-free to import; jax and iree.compiler load inside
     from ..compiler.lowered import shipped
 
-    def lower(spec):
-        return shipped(spec) or lower_step(spec)
-
-    if len(specs) == 1:
-        return [compile_mlir(lower(specs[0]), step_flags(target, specs[0]))]
-    results = [None] * len(specs)
-
-    def compile_one(k, text):
-        try:
-            results[k] = ("ok", compile_mlir(text, step_flags(target, specs[k])))
-        except BaseException as e:      # re-raised in the caller's thread
-            results[k] = ("error", e)
-
-    threads = []
-    try:
-        for k, spec in enumerate(specs):
-            thread = threading.Thread(target=compile_one, args=(k, lower(spec)), daemon=True)
-            thread.start()
-            threads.append(thread)
-    finally:
-        for thread in threads:
-            thread.join()
-    for status, value in results:
-        if status == "error":
-            raise value
-    return [value for _, value in results]
+    with ThreadPoolExecutor(len(specs), thread_name_prefix="ireeopt-compile") as pool:
+        futures = [pool.submit(compile_mlir, shipped(spec) or lower_step(spec), step_flags(target, spec))
+                   for spec in specs]
+    return [future.result() for future in futures]
 
 
 def traced_module(key, lower, flags, device, what):
