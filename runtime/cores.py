@@ -14,8 +14,8 @@ with the other threads idle stays on local-task.
 "Busy" is read from each thread's CPU clock (Linux's per-thread CPU-time clock: exact,
 running or not, ~1-2 us a read) over the caller's own work on the call before the step
 (``sample`` at its start, ``cores_taken`` before the step runs: tens of microseconds): a
-spinning thread used all of it.  IREE's own threads (named "iree-...") and the caller are
-left out.
+spinning thread used all of it.  IREE's own threads (named "iree-..."), ireeopt's
+(``own_thread``) and the caller are left out.
 """
 import math
 import os
@@ -30,6 +30,15 @@ TAKEN_FRACTION = 0.5
 RELIST_S = 1.0
 
 _TASKS = "/proc/self/task"
+#: native ids of ireeopt's own threads, left out (``own_thread``)
+_own = set()
+
+
+def own_thread():
+    """Leave the calling thread out from now on: one of ireeopt's own (flat's copy pool,
+    which copies a step's large gradients between ``sample`` and ``cores_taken``; Python
+    does not give the OS a thread's name, so it is known by its id)."""
+    _own.add(threading.get_native_id())
 
 
 def _cpu_clock(tid):
@@ -85,7 +94,7 @@ def _cpu(clocks):
 def sample():
     """The other threads' CPU time now, for ``cores_taken`` (in the same thread)."""
     me = threading.get_native_id()
-    clocks = tuple(c for c in _threads.current() if c[0] != me)
+    clocks = tuple(c for c in _threads.current() if c[0] != me and c[0] not in _own)
     return clocks, time.perf_counter(), _cpu(clocks)
 
 

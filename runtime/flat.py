@@ -25,6 +25,7 @@ import numpy as np
 import iree.runtime as rt
 
 from ..kernels.step import size_of
+from . import cores
 from .device import _ELEMENT_TYPES, numpy_dtype
 
 ALIGN = 64
@@ -214,7 +215,7 @@ def _on_cores(fn, parts):
 def _the_pool():
     """The pool of one thread per core but the caller's (made once)."""
     if not _pool:
-        _pool.append(ThreadPoolExecutor(_CORES - 1, thread_name_prefix="ireeopt-copy"))
+        _pool.append(ThreadPoolExecutor(_CORES - 1, thread_name_prefix="ireeopt-copy", initializer=cores.own_thread))
     return _pool[0]
 
 

@@ -66,6 +66,33 @@ def test_cores_taken_follows_the_other_threads(relisted):
     assert not cores.cores_taken(since)
 
 
+def test_ireeopts_own_threads_do_not_take_the_cores(relisted):
+    """A busy thread of ireeopt's own (flat's copy pool, copying a step's large gradients:
+    ``cores.own_thread``) is not another thread taking the cores; any other thread is."""
+    from ireeopt.runtime import flat
+
+    for own, taken in ((True, False), (False, True)):
+        stop = threading.Event()
+
+        def work():
+            while not stop.is_set():
+                hashlib.sha256(_DATA).digest()
+
+        if own:
+            future = flat._the_pool().submit(work)
+        else:
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+        try:
+            time.sleep(0.02)
+            since = cores.sample()
+            time.sleep(0.05)
+            assert cores.cores_taken(since) == taken, own
+        finally:
+            stop.set()
+            future.result() if own else thread.join()
+
+
 def test_form_choice_tries_both_then_keeps_the_faster_and_looks_again():
     choice = cores.FormChoice()
     tried = []
