@@ -16,7 +16,6 @@ address, since llvm-cpu steps are compiled to assume no more than that of their 
 into its staging buffer (``copy_in``).
 """
 import ctypes
-import os
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -128,7 +127,7 @@ def arena(device, shapes, dtype, layout_dtype=None, fills=None):
 #: gradient copies of at least this many bytes in one step are split over the cores
 PARALLEL_MIN_BYTES = 1 << 22
 _pool = []
-_CORES = os.cpu_count() or 1
+_CORES = cores.CORES         # (the cores this process may run on)
 
 
 def _copy_part(part):
