@@ -13,9 +13,22 @@ f32 = np.float32
 _F32 = struct.Struct("f")
 
 
+_F32X2, _F32X3 = struct.Struct("2f"), struct.Struct("3f")
+
+
 def r32(x):
     """``x`` rounded to the nearest float32, as a Python float."""
     return _F32.unpack(_F32.pack(x))[0]
+
+
+def r32x2(x, y):
+    """``r32`` of two values at once (a tuple)."""
+    return _F32X2.unpack(_F32X2.pack(x, y))
+
+
+def r32x3(x, y, z):
+    """``r32`` of three values at once (a tuple)."""
+    return _F32X3.unpack(_F32X3.pack(x, y, z))
 
 
 def one_minus(x):

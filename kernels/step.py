@@ -26,6 +26,7 @@ squared norms that clipping needs come in rather than being computed: under clip
 "sumsq" scalar (float32) after each gradient; under global_clipnorm the total, as one more
 scalar of ``hyper``, "sumsq".
 """
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -106,8 +107,9 @@ class StepSpec:
         names = self.kernel.SLOTS
         return names + (adam.AMSGRAD_SLOT,) if self.amsgrad else names
 
-    @property
+    @functools.cached_property
     def scalars(self):
+        """The names of the ``hyper`` vector's entries, in order (cached: read every step)."""
         total = self.norms and self.clip == "global_clipnorm"
         return COMMON_SCALARS + self.kernel.CONSTANTS + (("sumsq",) if total else ())
 
