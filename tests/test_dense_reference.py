@@ -125,3 +125,26 @@ def test_eager_reference_path_matches(kind, case):
     """jit_compile=False runs the same kernels op by op in JAX; it follows the reference too."""
     _, variables, ref, dtype = run_case(kind, case, jit_compile=False)
     assert_matches(variables, ref, dtype)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_adam_constants_are_float32_operations(adaptive):
+    """The host's per-step Adam scalars (kernels/adam.py, computed in doubles rounded to
+    float32) equal the same operations done in numpy float32, with ``b**t`` from float64
+    rounded once (spec §2), over many steps and settings."""
+    from ireeopt.kernels import adam
+
+    f32 = np.float32
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        lr, eps = 10.0 ** rng.uniform(-6, 0), 10.0 ** rng.uniform(-9, -3)
+        b1, b2 = (rng.choice([0.9, 0.95, rng.uniform(0.5, 0.9999)]) for _ in range(2))
+        iterations = int(rng.integers(0, 20000))
+        t = iterations + 1
+        b1p, b2p = f32(float(f32(b1)) ** t), f32(float(f32(b2)) ** t)
+        root = np.sqrt(f32(1) - b2p)
+        want = {"alpha": (f32(lr) * root) / (f32(1) - b1p),
+                "eps": f32(eps) * root if adaptive else f32(eps),
+                "one_minus_b1": f32(1.0 - b1), "one_minus_b2": f32(1.0 - b2)}
+        got = adam.constants(lr, b1, b2, eps, iterations, adaptive)
+        assert got == {k: float(v) for k, v in want.items()}, (lr, b1, b2, eps, iterations)
