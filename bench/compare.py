@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from ..runtime import cores
 from .peers import PEERS, SPARSE_PEERS, make_ireeopt, make_ireeopt_sparse
 
 BYTES_PER_PARAM = 28
@@ -37,7 +38,7 @@ def copy_bandwidth(n=1 << 24, reps=7):
     src = np.ones(n, np.float32)
     dst = np.empty_like(src)
     best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(reps))
-    workers = os.cpu_count() or 1
+    workers = cores.CORES
     if workers > 1:
         bounds = np.linspace(0, n, workers + 1).astype(int)
         parts = [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -79,7 +80,7 @@ def _machine():
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    return {"platform": platform.platform(), "cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"platform": platform.platform(), "cpu": model, "cores": cores.CORES, "python": platform.python_version()}
 
 
 def _commit():
