@@ -15,7 +15,7 @@ every hyperparameter is a runtime input of the compiled step.
 import functools
 import math
 
-from .numerics import one_minus, r32, r32x2, r32x3
+from .numerics import one_minus, r32, r32s
 
 SLOTS = ("m", "v")
 AMSGRAD_SLOT = "vhat"
@@ -28,8 +28,8 @@ def constants(learning_rate, beta_1, beta_2, epsilon, iterations, adaptive_epsil
     roundings that do not depend on each other done together: ~1 us of every step)."""
     t = float(iterations + 1)
     b1, b2, eps, one_minus_b1, one_minus_b2 = _fixed(beta_1, beta_2, epsilon)
-    b1p, b2p = r32x2(b1 ** t, b2 ** t)
-    lr, one_minus_b1p, one_minus_b2p = r32x3(float(learning_rate), 1.0 - b1p, 1.0 - b2p)
+    b1p, b2p = r32s(b1 ** t, b2 ** t)
+    lr, one_minus_b1p, one_minus_b2p = r32s(float(learning_rate), 1.0 - b1p, 1.0 - b2p)
     root = r32(math.sqrt(one_minus_b2p))
     alpha = r32(r32(lr * root) / one_minus_b1p)
     if adaptive_epsilon:

@@ -11,9 +11,7 @@ import numpy as np
 
 f32 = np.float32
 _F32 = struct.Struct("f")
-
-
-_F32X2, _F32X3 = struct.Struct("2f"), struct.Struct("3f")
+_F32S = {n: struct.Struct(f"{n}f") for n in range(2, 5)}      # (``r32s``)
 
 
 def r32(x):
@@ -21,14 +19,10 @@ def r32(x):
     return _F32.unpack(_F32.pack(x))[0]
 
 
-def r32x2(x, y):
-    """``r32`` of two values at once (a tuple)."""
-    return _F32X2.unpack(_F32X2.pack(x, y))
-
-
-def r32x3(x, y, z):
-    """``r32`` of three values at once (a tuple)."""
-    return _F32X3.unpack(_F32X3.pack(x, y, z))
+def r32s(*values):
+    """``r32`` of two to four values at once (a tuple): one pass in C."""
+    packing = _F32S[len(values)]
+    return packing.unpack(packing.pack(*values))
 
 
 def one_minus(x):
