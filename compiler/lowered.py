@@ -18,16 +18,13 @@ import json
 import pathlib
 
 from ..kernels import sources_hash
-from ..kernels.step import StepSpec, VarSpec, dynamic_spec
+from ..kernels.step import CHAIN_MIN_GROUPS, CHAIN_WIDTH, StepSpec, VarSpec, dynamic_spec
 from .trace import lowering_hash
 
 FILE = pathlib.Path(__file__).with_name("lowered.json.gz")
-MAX_GROUPS = 9
+#: group steps over up to this many groups are shipped (more make a chain)
+MAX_GROUPS = CHAIN_MIN_GROUPS + 1
 _loaded = {}            # "steps": {key: text}, "sources": this process's (``_sources``)
-
-
-#: the variables of a chain's calls (runtime/groups.py CHAIN_WIDTH)
-CHAIN_WIDTH = 8
 
 
 def shipped_specs():

@@ -168,6 +168,13 @@ class StepSpec:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
 
+#: the steps of any lengths (``dynamic_spec``) that chain a model's large variables
+#: (runtime/groups.py, which says why): a model with more than CHAIN_MIN_GROUPS of them
+#: updates them CHAIN_WIDTH a call; the steps shipped lowered follow (compiler/lowered.py)
+CHAIN_MIN_GROUPS = 8
+CHAIN_WIDTH = 8
+
+
 def dynamic_spec(spec, count):
     """A spec like ``spec`` (its settings; its variables' decay, which must agree) over
     ``count`` dense float32 1-D variables of any lengths: compiled once, it updates any such

@@ -15,7 +15,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from ..kernels.step import VarSpec, dynamic_spec, size_of, slot_dtype
+from ..kernels.step import CHAIN_MIN_GROUPS, CHAIN_WIDTH, VarSpec, dynamic_spec, size_of, slot_dtype
 from .cache import step_modules
 from .cores import FormChoice, cores_taken
 from .device import Device
@@ -27,14 +27,13 @@ from .variable import Variable
 #: multi-threaded local-task driver (over the same memory), a smaller one on local-sync
 #: (the calling thread: no worker wake-up); "local-sync"/"local-task" force one
 TASK_MIN_PARAMS = 1 << 19
-#: a step with more own groups than this updates them by calls of one step compiled for
-#: CHAIN_WIDTH 1-D variables of any length (``kernels.step.dynamic_spec``), chained after
-#: the step of the other groups (the last call's missing variables are padding, one
-#: element each: ``_padding``); fewer own groups are dispatches of that step.  Each dispatch
-#: costs ~40 ms of compile time (200 tensors of 84 KB: ~10 s), a call ~10-20 us of the
-#: caller's time per step, each compiled step ~0.7-1 s of the first call
-CHAIN_MIN_GROUPS = 8
-CHAIN_WIDTH = 8
+# a step with more own groups than CHAIN_MIN_GROUPS (kernels/step.py) updates them by calls
+# of one step compiled for CHAIN_WIDTH 1-D variables of any length (``dynamic_spec``),
+# chained after the step of the other groups (the last call's missing variables are
+# padding, one element each: ``_padding``); fewer own groups are dispatches of that step.
+# Each dispatch costs ~40 ms of compile time (200 tensors of 84 KB: ~10 s), a call ~10-20 us
+# of the caller's time per step, each compiled step ~0.7-1 s of the first call
+
 #: below this many parameters in all, a step that leaves some variables without a
 #: gradient always runs as the group step (``_restorable``)
 SUBSET_GROUPS_BELOW = 1 << 19
