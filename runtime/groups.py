@@ -55,14 +55,6 @@ _ZERO = np.zeros((), np.float32)
 _shape, _dtype = attrgetter("shape"), attrgetter("dtype")
 
 
-def _norms_given(spec):
-    return replace(spec, norms="given")
-
-
-def _as_it_is(spec):
-    return spec
-
-
 class GroupSteps:
     """Mixin of ``Optimizer``: its steps over flat-storage groups."""
 
@@ -183,13 +175,16 @@ class GroupSteps:
         return [self._grad_buffers[(i, None)] for i in range(len(self._vars))]
 
     def _group_spec(self, groups, norms_given=False):
-        """The spec of a step over ``groups``: for float32 groups that agree on weight decay
-        and sum no norm in the step (``norms_given``: a chain's), a step of any lengths
+        """The spec of a step over ``groups``, given its norms (``norms="given"``) where
+        ``norms_given`` (a chain's, clipping by a norm): for float32 groups that agree on
+        weight decay and sum no norm in the step, a step of any lengths
         (``dynamic_spec``: compiled once for every model with that many such groups, and maybe
         shipped lowered: compiler/lowered.py), else of their sizes (a norm is summed by rows
         that divide the size: kernels/clipping.py)."""
         spec = self._structure([VarSpec(self._group_buffers["params"][j].shape, self._groups[j][0]) for j in groups],
                                [not self._groups[j][1] for j in groups])
+        if norms_given:
+            spec = replace(spec, norms="given")
         if len(set(spec.decay)) == 1 and all(v.dtype == "float32" for v in spec.variables) and \
                 (norms_given or spec.clip not in ("clipnorm", "global_clipnorm")):
             return dynamic_spec(spec, len(groups))
@@ -242,10 +237,10 @@ class GroupSteps:
         clipnorm each own group's, a scalar buffer of its own, while the other groups'
         variables are updated through their slices, each clipped by its own norm in the step."""
         clip = self._clip()[0]
-        form = _norms_given if clip in ("clipnorm", "global_clipnorm") else _as_it_is
+        given = clip in ("clipnorm", "global_clipnorm")
         hyper = None
         if clip == "global_clipnorm":
-            hyper = flat.host_buffer(device, (len(form(self._empty_spec()).scalars),), "float32")
+            hyper = flat.host_buffer(device, (len(replace(self._empty_spec(), norms="given").scalars),), "float32")
         norms = {j: flat.host_buffer(device, (), "float32") for j in self._own_groups} if clip == "clipnorm" else {}
         calls = []                  # (spec, buffers, the groups of its variables: [] for slices)
         others = [j for j in range(len(self._groups)) if j not in self._own_groups]
@@ -259,7 +254,7 @@ class GroupSteps:
         for j in self._own_groups:
             by_decay.setdefault(self._groups[j][1], []).append(j)
         for k, own in enumerate(by_decay.values()):
-            for groups, spec in self._chain_links(others if k == 0 else [], own, form):
+            for groups, spec in self._chain_links(others if k == 0 else [], own, given):
                 calls.append((spec, self._call_buffers(spec, groups, device, hyper, norms), groups))
         chain, bindings = StepChain(device), []
         modules = step_modules([spec for spec, _, _ in calls], device)     # (compiled at the same time)
@@ -290,16 +285,16 @@ class GroupSteps:
         arrays += [self._group_buffers["grads"][j].host for j in range(len(self._groups)) if j not in self._own_groups]
         scalars[prepared.spec.scalars.index("sumsq")] = sum(flat.squared_norms(arrays))
 
-    def _chain_links(self, others, own, form):
+    def _chain_links(self, others, own, norms_given):
         """(groups, spec) of each call of a chain over the groups ``others`` (one step, if
-        any: ``_group_spec``) and then the own groups ``own``, CHAIN_WIDTH a call by one step of any
-        lengths (the last call's groups padded with None: ``_padding``), so that a chain
-        compiles one such step per weight-decay class; ``form(spec)`` gives the form of each spec
-        (``norms="given"`` or as it is)."""
-        links = [(others, form(self._group_spec(others, form is _norms_given)))] if others else []
+        any: ``_group_spec``) and then the own groups ``own``, CHAIN_WIDTH a call by one step of
+        any lengths (the last call's groups padded with None: ``_padding``), so that a chain
+        compiles one such step per weight-decay class; ``norms_given``: the steps are given
+        their norms (``_group_spec``)."""
+        links = [(others, self._group_spec(others, norms_given))] if others else []
         for start in range(0, len(own), CHAIN_WIDTH):
             groups = own[start:start + CHAIN_WIDTH]
-            spec = dynamic_spec(form(self._group_spec(groups, form is _norms_given)), CHAIN_WIDTH)
+            spec = dynamic_spec(self._group_spec(groups, norms_given), CHAIN_WIDTH)
             links.append((groups + [None] * (CHAIN_WIDTH - len(groups)), spec))
         return links
 
