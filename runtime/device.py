@@ -176,7 +176,7 @@ class DeviceBuffer:
         """Mapped: a memcpy.  Staged: fill the staging buffer and *queue* its copy to the device
         (``Device.wait`` before the device reads it; the step does that once for all its inputs)."""
         if self.host is not None:
-            np.copyto(self.host, array, casting="unsafe")
+            self.host[...] = array
         else:
             self.device.wait(self._pending)          # the staging buffer's previous copy is done
             np.copyto(self._staged, array, casting="unsafe")

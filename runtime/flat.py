@@ -51,7 +51,7 @@ class ImportedBuffer:
         self.view = rt.HalBufferView(self.buffer, list(self.shape), _ELEMENT_TYPES[dtype])
 
     def write(self, array):
-        np.copyto(self.host, array, casting="unsafe")
+        self.host[...] = array
 
     def read(self):
         return self.host.copy()

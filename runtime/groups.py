@@ -52,7 +52,8 @@ TWIN_MAX_PARAMS = 1 << 23
 _NDARRAY = {np.ndarray}
 _ZERO = np.zeros((), np.float32)
 
-_shape, _dtype = attrgetter("shape"), attrgetter("dtype")
+_shape, _dtype, _kind = attrgetter("shape"), attrgetter("dtype"), attrgetter("kind")
+_FLOAT = {"f"}
 
 
 class GroupSteps:
@@ -370,7 +371,7 @@ class GroupSteps:
         False, having changed nothing, for anything else (the general path then handles, or
         rejects, the call)."""
         try:
-            entry = self._repeat_steps.get(tuple(id(v) for _, v in pairs))
+            entry = self._repeat_steps.get(tuple([id(v) for _, v in pairs]))
         except (TypeError, ValueError):
             return False
         if entry is None or entry[0] != self._structure_key():
@@ -378,7 +379,7 @@ class GroupSteps:
         _, prepared, shapes, copied, bound, nbytes, _ = entry
         grads = [pair[0] for pair in pairs]
         if set(map(type, grads)) != _NDARRAY or list(map(_shape, grads)) != shapes or \
-                any(dtype.kind != "f" for dtype in set(map(_dtype, grads))):
+                set(map(_kind, set(map(_dtype, grads)))) != _FLOAT:
             return False
         copies = [(host, grads[k]) for k, host in copied]
         sources = {}

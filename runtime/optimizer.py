@@ -30,12 +30,15 @@ CLIP_SETTINGS = ("clipnorm", "global_clipnorm", "clipvalue")
 
 
 @functools.lru_cache(maxsize=256)
-def _common_constants(weight_decay, clip, ema_momentum, overwrite):
-    """The scalars of every step but "lr" and the kernel's (cached: the same few values every
-    step; the dict must not be changed)."""
-    return {"wd": np.float32(weight_decay), "clip": np.float32(clip),
-            "sumsq": np.float32(0),     # (a chain's global norm: written by _host_norms)
-            **ema_kernel.constants(ema_momentum, overwrite)}
+def _hyper_template(scalars, weight_decay, clip, ema_momentum, overwrite):
+    """For a step whose hyper vector holds ``scalars``: that vector with the values that are
+    the same every step filled in (a list, copied by each step; cached: the same few settings
+    every step), and (position, name) of the others: "lr" and the kernel's."""
+    common = {"wd": np.float32(weight_decay), "clip": np.float32(clip),
+              "sumsq": np.float32(0),     # (a chain's global norm: written by _host_norms)
+              **ema_kernel.constants(ema_momentum, overwrite)}
+    template = [float(common.get(name, 0.0)) for name in scalars]
+    return template, tuple((k, name) for k, name in enumerate(scalars) if name not in common)
 
 
 def _is_number(x):
@@ -351,13 +354,18 @@ class Optimizer(GroupSteps, Training):
         return self._current_learning_rate()
 
     def _constants(self, spec, lr):
-        """The hyper vector for this step (rate ``lr``), in ``spec.scalars`` order."""
+        """The hyper vector for this step (rate ``lr``), in ``spec.scalars`` order: a list of
+        floats, each a float32 value (written to the device by ``_run_prepared``)."""
         freq = self.ema_overwrite_frequency
         overwrite = bool(self.use_ema and freq and (self._iterations + 1) % freq == 0)
-        c = {"lr": lr, **_common_constants(self.weight_decay or 0, self._clip()[1],
-                                           self.ema_momentum if self.use_ema else 0.0, overwrite),
-             **self._kernel_constants(lr)}
-        return np.array([c[k] for k in spec.scalars], np.float32)
+        template, per_step = _hyper_template(spec.scalars, self.weight_decay or 0, self._clip()[1],
+                                             self.ema_momentum if self.use_ema else 0.0, overwrite)
+        c = self._kernel_constants(lr)
+        c["lr"] = lr
+        values = template.copy()
+        for k, name in per_step:
+            values[k] = c[name]
+        return values
 
     # ------------------------------------------------------------------ the step
     def _gradient_buffers(self, i, var_spec, spec):
