@@ -161,6 +161,8 @@ class Optimizer(GroupSteps, Training):
     def _current_learning_rate(self):
         """This step's rate (spec §7): a schedule at the 0-based iterations, a callable called."""
         lr = self._learning_rate
+        if type(lr) is np.float32:          # a number (stored as float32: _check_learning_rate)
+            return lr
         if isinstance(lr, schedules.LearningRateSchedule):
             lr = lr(self._iterations)
         elif callable(lr):
