@@ -242,8 +242,23 @@ def in_place(array):
     """Whether a caller's gradient ``array`` (of a variable's shape) can be passed to a flat
     step where it lies: a float32, C-contiguous, aligned numpy array of IN_PLACE_MIN_BYTES
     or more."""
-    return (type(array) is np.ndarray and array.dtype == np.float32 and array.flags.c_contiguous
-            and array.flags.aligned and array.nbytes >= IN_PLACE_MIN_BYTES)
+    if type(array) is not np.ndarray or array.dtype is not _FLOAT32 or array.nbytes < IN_PLACE_MIN_BYTES:
+        return False                # (``is``: an equal dtype that is not numpy's own is copied)
+    flags = array.flags
+    return flags.c_contiguous and flags.aligned
+
+
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _address(array):
+    """The address of a C-contiguous ``array``'s first byte: through a ctypes view of its
+    buffer where it is writable (~0.7 us, against ~2.6 us for ``__array_interface__``, which
+    a step over 200 fresh gradient arrays paid for each)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(array))
+    except TypeError:               # (a read-only array)
+        return array.__array_interface__["data"][0]
 
 
 class GradientBindings:
@@ -255,7 +270,7 @@ class GradientBindings:
     the caller holds its arrays while it runs), so a new gradient array that reuses the
     memory of an earlier one, as freshly allocated gradients usually do, finds its import
     and argument list already made: kept per (address, size), the last few of each group
-    and the last few lists.  Every step binds every own group again before the step runs,
+    and the last few lists (the array bound last is known without its address).  Every step binds every own group again before the step runs,
     so an import of memory since freed is never read."""
 
     KEEP = 4
@@ -264,7 +279,7 @@ class GradientBindings:
         self.module, self.buffers, self.fences = module, list(buffers), fences
         self.arguments = arguments                # own group -> its gradient's argument index
         self.bound = dict.fromkeys(arguments)     # own group -> the import bound now, or None
-        self._recent = {j: [] for j in arguments}  # own group -> [(weakref of an array, its import)]
+        self._last = dict.fromkeys(arguments)    # own group -> (weakref of the array bound last, its import)
         self._imports = {j: {} for j in arguments}
         self._lists = {}
 
@@ -275,20 +290,18 @@ class GradientBindings:
             if array is None:
                 self.bound[j] = None
                 continue
-            recent = self._recent[j]
-            for ref, found in recent:               # the same array object as lately: no lookup
-                if ref() is array:
-                    break
+            last = self._last[j]
+            if last is not None and last[0]() is array:     # the same array object as last time
+                found = last[1]
             else:
-                key = (array.__array_interface__["data"][0], array.nbytes)
+                key = (_address(array), array.nbytes)
                 imports = self._imports[j]
                 found = imports.get(key)
                 if found is None:
                     found = imports[key] = self._import(*key)
                     if len(imports) > self.KEEP:
                         del imports[next(iter(imports))]
-                recent.insert(0, (weakref.ref(array), found))
-                del recent[self.KEEP:]
+                self._last[j] = (weakref.ref(array), found)
             self.bound[j] = found
         key = tuple(self.bound.values())          # (the imports themselves: alive while keyed)
         args = self._lists.get(key)
