@@ -61,10 +61,10 @@ class GroupSteps:
 
     def _build_flat(self, var_list, excluded, device, fills):
         """Move the variables, and make their slots, EMA averages and gradient staging, into
-        flat storage: one arena per group and kind of state.  A group is the variables of one
-        (dtype, weight-decay exclusion), except that a large float32 variable has a group of
-        its own, whose gradient can then be passed in place (``_own_groups``; the step has one
-        dispatch per group).  Returns (slots, averages) as Variables over the member slices;
+        flat storage: one arena per group and kind of state (a kind's arenas in one allocation:
+        ``flat.arenas``).  A group is the variables of one (dtype, weight-decay exclusion),
+        except that a large float32 variable has a group of its own, whose gradient can then
+        be passed in place (``_own_groups``; the step has one dispatch per group).  Returns (slots, averages) as Variables over the member slices;
         what the arenas are to hold (zeros written, the variables' values) is appended to
         ``fills`` (``flat.fill``), to be written while the step compiles."""
         groups = {}
@@ -78,11 +78,11 @@ class GroupSteps:
         self._group_buffers = {k: [] for k in kinds}
         slots = {k: [None] * len(var_list) for k in self._slot_names}
         averages = [None] * len(var_list) if self.use_ema else []
-        for dtype, _, members in self._groups:
-            shapes = [var_list[i].shape for i in members]
-            for kind in kinds:
-                group, parts = flat.arena(device, shapes, dtype if kind in ("params", "grads") else slot_dtype(dtype),
-                                          layout_dtype=dtype, fills=fills)
+        for kind in kinds:
+            made = flat.arenas(device, [([var_list[i].shape for i in members],
+                                         dtype if kind in ("params", "grads") else slot_dtype(dtype), dtype)
+                                        for dtype, _, members in self._groups], fills)
+            for (_, _, members), (group, parts) in zip(self._groups, made):
                 self._group_buffers[kind].append(group)
                 for i, part in zip(members, parts):
                     var = var_list[i]

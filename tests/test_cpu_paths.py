@@ -606,3 +606,36 @@ def test_a_fill_that_fails_on_its_thread_fails_the_build(monkeypatch):
     with pytest.raises(MemoryError, match="no pages left"):
         opt.build(variables)
     assert not opt.built
+
+
+def _allocation(array):
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def test_the_arenas_of_a_kind_lie_in_one_allocation():
+    """Every group's arena of one kind of state is carved from one allocation (numpy asks
+    for huge pages for it from 4 MiB on; separate arenas of the large variables were too
+    small to get them), each on a 64-byte boundary, 2 MiB from 2 MiB on, none overlapping,
+    and the model steps exactly as the reference does."""
+    sizes = [10, N, 3 << 19, 7, N + 3]
+    rng = np.random.default_rng(4)
+    values = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    variables = [ireeopt.Variable(v, name=f"v{k}") for k, v in enumerate(values)]
+    opt = ireeopt.Adam(0.01)
+    ref = Reference("adam", values, [v.name for v in variables], learning_rate=0.01)
+    for _ in range(2):
+        grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+        opt.apply_gradients(list(zip(grads, variables)))
+        ref.step(grads)
+    for k, v in enumerate(variables):
+        np.testing.assert_allclose(v.numpy(), ref.p[k], rtol=2e-5, atol=2e-6)
+    assert len(opt._group_buffers["params"]) == 4          # the small ones together, three own
+    for kind, buffers in opt._group_buffers.items():
+        hosts = sorted((b.host for b in buffers), key=lambda h: h.ctypes.data)
+        assert len({id(_allocation(h)) for h in hosts}) == 1, kind
+        for h in hosts:
+            assert h.ctypes.data % (flat.HUGE_PAGE if h.nbytes >= flat.HUGE_PAGE else flat.ALIGN) == 0, kind
+        for a, b in zip(hosts, hosts[1:]):
+            assert a.ctypes.data + a.nbytes <= b.ctypes.data, kind
