@@ -120,8 +120,8 @@ def arenas(device, groups, fills=None):
     The groups lie in one allocation, each on a 64-byte boundary (2 MiB from HUGE_PAGE bytes
     on): from 4 MiB on numpy asks for huge pages for it, which separate small arenas did not
     get; a model of 200 variables of 2^22/200 parameters (an arena each) streams its state
-    faster then (one process, alternating: 7.34 against 7.76 ms a step on cpu, 10.2-10.5
-    against 10.6-11.0 on local-sync)."""
+    faster then (one process, alternating with the separate arenas: 5.80-6.11 against
+    6.09-6.48 ms a step on cpu)."""
     layouts = [(numpy_dtype(dtype), layout(shapes, layout_dtype or dtype)) for shapes, dtype, layout_dtype in groups]
     starts, end = [], 0
     for np_dtype, (_, total) in layouts:
@@ -253,6 +253,9 @@ def host_buffer(device, shape, dtype):
                           .reshape(shape), dtype)
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 def in_place(array):
     """Whether a caller's gradient ``array`` (of a variable's shape) can be passed to a flat
     step where it lies: a float32, C-contiguous, aligned numpy array of IN_PLACE_MIN_BYTES
@@ -261,9 +264,6 @@ def in_place(array):
         return False                # (``is``: an equal dtype that is not numpy's own is copied)
     flags = array.flags
     return flags.c_contiguous and flags.aligned
-
-
-_FLOAT32 = np.dtype(np.float32)
 
 
 def _address(array):
@@ -285,8 +285,9 @@ class GradientBindings:
     the caller holds its arrays while it runs), so a new gradient array that reuses the
     memory of an earlier one, as freshly allocated gradients usually do, finds its import
     and argument list already made: kept per (address, size), the last few of each group
-    and the last few lists (the array bound last is known without its address).  Every step binds every own group again before the step runs,
-    so an import of memory since freed is never read."""
+    and the last few lists (the array bound last is known without its address).  Every step
+    binds every own group again before the step runs, so an import of memory since freed is
+    never read."""
 
     KEEP = 4
 

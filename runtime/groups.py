@@ -64,9 +64,10 @@ class GroupSteps:
         flat storage: one arena per group and kind of state (a kind's arenas in one allocation:
         ``flat.arenas``).  A group is the variables of one (dtype, weight-decay exclusion),
         except that a large float32 variable has a group of its own, whose gradient can then
-        be passed in place (``_own_groups``; the step has one dispatch per group).  Returns (slots, averages) as Variables over the member slices;
-        what the arenas are to hold (zeros written, the variables' values) is appended to
-        ``fills`` (``flat.fill``), to be written while the step compiles."""
+        be passed in place (``_own_groups``; the step has one dispatch per group).  Returns
+        (slots, averages) as Variables over the member slices; what the arenas are to hold
+        (zeros written, the variables' values) is appended to ``fills`` (``flat.fill``), to
+        be written while the step compiles."""
         groups = {}
         for i, v in enumerate(var_list):
             own = v.dtype == "float32" and 4 * size_of(v.shape) >= flat.IN_PLACE_MIN_BYTES
