@@ -179,7 +179,7 @@ class DeviceBuffer:
             self.host[...] = array
         else:
             self.device.wait(self._pending)          # the staging buffer's previous copy is done
-            np.copyto(self._staged, array, casting="unsafe")
+            self._staged[...] = array
             self._pending = self.device.copy(self._staging, self.buffer)
 
     def read(self):

@@ -362,8 +362,7 @@ class Optimizer(GroupSteps, Training):
         overwrite = bool(self.use_ema and freq and (self._iterations + 1) % freq == 0)
         template, per_step = _hyper_template(spec.scalars, self.weight_decay or 0, self._clip()[1],
                                              self.ema_momentum if self.use_ema else 0.0, overwrite)
-        c = self._kernel_constants(lr)
-        c["lr"] = lr
+        c = {**self._kernel_constants(lr), "lr": lr}
         values = template.copy()
         for k, name in per_step:
             values[k] = c[name]
