@@ -4,9 +4,9 @@ On device ``cpu`` a step over TASK_MIN_PARAMS parameters or more runs on IREE's 
 workers, one per core (runtime/groups.py; from TWIN_MIN_PARAMS to TWIN_MAX_PARAMS with a
 twin).  When other threads of the process are busy as the step starts, a core is taken:
 torch's OpenMP workers spin for several milliseconds after each operation, numpy's BLAS
-threads after a product, a data loader works.  The
-workers then share it with them and the step waits for the one that is descheduled; running
-it on the calling thread alone (its twin on local-sync, over the same memory) can be faster.
+threads after a product, a data loader works.  The workers then share it with them and the
+step waits for the one that is descheduled; running it on the calling thread alone (its
+twin on local-sync, over the same memory) can be faster.
 Measured here (2 cores), 1 x 2^22 Adam alternating step by step with torch fused: 7.1 ms on
 local-task, 4.4-4.6 ms on the calling thread (1 x 2^20 and 1 x 2^24 gained nothing: they
 have no twin).  Which form runs such a step is measured (``FormChoice``); a step that starts
