@@ -77,29 +77,32 @@ def test_ireeopts_own_threads_do_not_take_the_cores(relisted, monkeypatch):
     if cores.CORES < 2:
         pytest.skip("one core: flat copies on the calling thread alone, it has no pool")
     monkeypatch.setattr(flat, "_pool", [])
-    for own, taken in ((True, False), (False, True)):
-        stop = threading.Event()
+    try:
+        for own, taken in ((True, False), (False, True)):
+            stop = threading.Event()
 
-        def work():
-            while not stop.is_set():
-                hashlib.sha256(_DATA).digest()
+            def work():
+                while not stop.is_set():
+                    hashlib.sha256(_DATA).digest()
 
-        if own:
-            running = [flat._the_pool().submit(work) for _ in range(cores.CORES - 1)]
-        else:
-            running = [threading.Thread(target=work, daemon=True) for _ in range(2 * cores.CORES)]
-            for thread in running:
-                thread.start()
-        try:
-            time.sleep(0.02)
-            since = cores.sample()
-            time.sleep(0.1)
-            assert cores.cores_taken(since) == taken, own
-        finally:
-            stop.set()
-            for r in running:
-                r.result() if own else r.join()
-    flat._pool[0].shutdown()
+            if own:
+                running = [flat._the_pool().submit(work) for _ in range(cores.CORES - 1)]
+            else:
+                running = [threading.Thread(target=work, daemon=True) for _ in range(2 * cores.CORES)]
+                for thread in running:
+                    thread.start()
+            try:
+                time.sleep(0.02)
+                since = cores.sample()
+                time.sleep(0.1)
+                assert cores.cores_taken(since) == taken, own
+            finally:
+                stop.set()
+                for r in running:
+                    r.result() if own else r.join()
+    finally:                    # the test's own pool, also when an assertion failed
+        for pool in flat._pool:
+            pool.shutdown()
 
 
 def test_form_choice_tries_both_then_keeps_the_faster_and_looks_again():
