@@ -61,6 +61,11 @@ class ImportedBuffer:
 HUGE_PAGE = 2 << 20
 
 
+def _alignment(nbytes):
+    """The boundary memory of ``nbytes`` starts on: 2 MiB from HUGE_PAGE bytes on, else ALIGN."""
+    return HUGE_PAGE if nbytes >= HUGE_PAGE else ALIGN
+
+
 def _aligned_zeros(nbytes, fills=None):
     """``nbytes`` of zeros on a 64-byte boundary (2 MiB from HUGE_PAGE bytes on), written
     now, or by ``fill(fills)`` if a list ``fills`` is given (they are zeros before that, not
@@ -68,7 +73,7 @@ def _aligned_zeros(nbytes, fills=None):
     and the kernel allow), not first read and then written inside a step, which left them
     slower to stream (2^24-parameter step, one process, alternating: 15.4-18.3 ms over
     np.zeros arenas, 13.1-14.6 over these)."""
-    align = HUGE_PAGE if nbytes >= HUGE_PAGE else ALIGN
+    align = _alignment(nbytes)
     raw = np.empty(nbytes + align, np.uint8) if fills is None else np.zeros(nbytes + align, np.uint8)
     start = (-raw.ctypes.data) % align
     out = raw[start:start + nbytes]
@@ -126,7 +131,7 @@ def arenas(device, groups, fills=None):
     starts, end = [], 0
     for np_dtype, (_, total) in layouts:
         nbytes = total * np_dtype.itemsize
-        align = HUGE_PAGE if nbytes >= HUGE_PAGE else ALIGN
+        align = _alignment(nbytes)
         starts.append(-(-end // align) * align)
         end = starts[-1] + nbytes
     memory = _aligned_zeros(end, fills)
