@@ -352,9 +352,9 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
     """With more than CHAIN_MIN_GROUPS large variables, they are updated CHAIN_WIDTH a call
     (the last call padded) by one step compiled for 1-D variables of any length per
     weight-decay setting, chained after the small variables' step (runtime/groups.py), and the
-    padding stays zeros: the values match the reference, every
-    gradient is read where it lies and nothing next to it, each weight-decay setting gets
-    calls of its own, and the chain signals once per call.  Under clipnorm the small variables
+    padding stays zeros: the values match the reference, every gradient is read where it
+    lies and nothing next to it, each weight-decay setting gets calls of its own, and every
+    call signals a semaphore of its own once a step.  Under clipnorm the small variables
     are updated through their slices (each clipped by its own norm), not their group; under
     both clippings by a norm the norms of the large ones' gradients are computed on the host
     and given to the steps (the first steps' gradients are large, so that the clipping is
@@ -397,9 +397,10 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
     assert chain.calls[0][0].spec.dynamic == ("clipnorm" not in kwargs)
     steps = {id(module) for module, _ in chain.calls[1:]}
     assert len(steps) == (2 if "weight_decay" in kwargs else 1)
-    # padding positions 1-7, each with its own parameters, gradient, slots, average, norm
+    # padding: the last call of each weight-decay class (3 + 5 padding, 1 + 7: positions 1-7),
+    # each position of each with its own parameters, gradient, slots, average, norm
     kinds = 2 + len(opt._slot_names) + opt.use_ema + ("clipnorm" in kwargs)
-    assert sorted({k for _, k, _ in opt._pads}) == list(range(1, 8)) and len(opt._pads) == 7 * kinds
+    assert sorted({k for _, _, k, _ in opt._pads}) == list(range(1, 8)) and len(opt._pads) == (5 + 7) * kinds
     for pad in opt._pads.values():
         np.testing.assert_array_equal(pad.host, 0)
     # clipping by a norm: the large ones' norms are given (computed on the host); the small
@@ -409,8 +410,48 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
         assert given == [None] + ["given"] * 3
     else:
         assert given == ["given" if "global_clipnorm" in kwargs else None] * 4
-    assert chain._timeline.semaphore.query() == chain._timeline.value == 4 * len(widths)
+    # every call signals a semaphore of its own, once a step (none waits for another)
+    assert [s.query() for s in chain._timeline.semaphores] == [chain._timeline.value] * len(widths) == [4] * 4
     assert groups.CHAIN_MIN_GROUPS < 12 and groups.CHAIN_WIDTH == 8
+
+
+def test_a_chain_call_that_fails_to_queue_waits_for_those_queued_before_it(monkeypatch):
+    """The calls of a chain do not wait for one another (runtime/module.py): when one fails
+    to queue, the call raises only once the calls queued before it are done, so none of them
+    can still run while a later step updates the same memory."""
+    from ireeopt.runtime import module
+
+    settled, settle = [], module._Timeline.settle
+    monkeypatch.setattr(module._Timeline, "settle", lambda self, count: (settled.append(count), settle(self, count)))
+    rng, variables, opt, ref = _model(15, [(N + k,) for k in range(17)] + [(5,)])
+    opt.build(variables)
+    (prepared,) = opt._prepared.values()
+    chain = prepared.module
+    assert [len(module.spec.variables) for module, _ in chain.calls] == [1, 8, 8, 8]
+    wide = chain.calls[1][0]                        # (the 8-variable calls' module, shared by all three)
+
+    class Failing:
+        def __init__(self, context):
+            self.context = context
+
+        def invoke(self, *args):
+            raise RuntimeError("could not queue the call")
+
+    grads = [rng.standard_normal(v.shape).astype(np.float32) for v in variables]
+    context, wide.context = wide.context, Failing(wide.context)
+    try:
+        with pytest.raises(RuntimeError, match="could not queue"):
+            opt.apply_gradients(zip(grads, variables))
+        timeline = chain._timeline
+        assert settled == [1]                       # waited for the one call queued before
+        assert timeline.semaphores[0].query() == timeline.value        # the small variables' call: done
+        assert all(s.query() == timeline.value - 1 for s in timeline.semaphores[1:])
+        assert opt.iterations == 0
+    finally:
+        wide.context = context
+    opt.apply_gradients(zip(grads, variables))
+    assert [s.query() for s in chain._timeline.semaphores] == [chain._timeline.value] * 4
+    assert opt.iterations == 1
 
 
 def test_length_generic_steps_are_shared_by_models_of_other_sizes():
