@@ -197,18 +197,16 @@ class GroupSteps:
         or padding where that is None: ``_padding``), its scalars in ``hyper`` (default the
         optimizer's), given norms in ``norms[group]``."""
         hyper = self._hyper_buffer if hyper is None else hyper
-        return [flat.on_device(hyper if kind == "hyper" else self._padding(device, groups[0], k, kind) if groups[k] is None
+        return [flat.on_device(hyper if kind == "hyper" else self._padding(device, k, kind) if groups[k] is None
                                else norms[groups[k]] if kind == "sumsq" else self._group_buffers[kind][groups[k]],
                                device)
                 for kind, k, _, _ in spec.arguments()]
 
-    def _padding(self, device, call, k, kind):
+    def _padding(self, device, k, kind):
         """The ``kind`` buffer (zeros: one float32, a scalar for a given norm) of the padding
-        variable ``k`` of a chain's last call on ``device`` (a weight-decay class's: ``call``,
-        its first group): each call and position has its own buffers (the calls of a chain
-        run at the same time: runtime/module.py), which the step updates (to zeros: a zero
-        gradient moves nothing) and nothing reads."""
-        key = (device.key, call, k, kind)
+        variable ``k`` of a chain's last call on ``device``: each position has its own buffers,
+        which the step updates (to zeros: a zero gradient moves nothing) and nothing reads."""
+        key = (device.key, k, kind)
         if key not in self._pads:
             self._pads[key] = flat.host_buffer(device, () if kind == "sumsq" else (1,), "float32")
         return self._pads[key]

@@ -13,12 +13,10 @@ IREE's own wait spins the calling thread for much of the step, on a core the loc
 workers need: measured here, ~1 ms of the caller's CPU per 3 ms step at 2^22 parameters
 (0.1 ms with the sleeping wait) and 2.6 ms per 4 ms step of 200 x 2^22/200 (0.5 ms).
 
-A ``StepChain`` runs several fenced calls as one step.  They update disjoint buffers, so
-none waits for another: each signals a semaphore of its own, all are queued before the
-caller waits (the same way) for every one, and the workers go on to the next call's
-workgroups while the last of one call's run.  Measured here (200 x 2^22/200, 25 calls, one
-process, blocks of 10 steps alternating with calls that each waited on the one before):
-0.88-0.97 of the serial chain's step time in six runs (200 x 2^24/200: 0.98-1.06).
+A ``StepChain`` runs several fenced calls as one step: each waits for the one before, all
+are queued before the caller waits (the same way) for the last.  Each call signals a
+semaphore of its own, once a step, so a call that fails to queue leaves no value unsignalled
+that a later step would wait for: the chain waits for the calls queued before it and raises.
 """
 import threading
 import time
@@ -68,9 +66,9 @@ class PreparedStep:
 
 
 class _Timeline:
-    """The semaphores the fenced calls of one module (one) or of one chain (one a call)
-    signal at ``value``, once each a step, and the wait until all have reached it (see the
-    module docstring)."""
+    """The semaphores the fenced calls of one module (one) or of one chain (one a call, each
+    call after the one before) signal at ``value``, once each a step, and the wait for the
+    last (see the module docstring)."""
 
     def __init__(self, device, count=1):
         self._device = device
@@ -87,21 +85,19 @@ class _Timeline:
     def add(self):
         """A semaphore for one more call (of a chain)."""
         self.semaphores.append(self._device.hal_device.create_semaphore(0))
-        return self.semaphores[-1]
 
     def done(self, count=None):
-        """Whether the first ``count`` (default all) semaphores have reached ``value``
-        (the last first: a chain's last call is queued last)."""
-        value = self.value
-        return all(s.query() >= value for s in reversed(self.semaphores[:count]))
+        """Whether the first ``count`` calls (default all) are done this step: the last of
+        them has signalled ``value`` (each ran after the one before)."""
+        count = len(self.semaphores) if count is None else count
+        return count == 0 or self.semaphores[count - 1].query() >= self.value
 
-    def wait(self, start, fences):
-        """Wait until ``fences`` (one for each semaphore, at ``self.value``) are signalled by
+    def wait(self, start, fence):
+        """Wait until ``fence`` (the last call's signal, at ``self.value``) is signalled by
         work queued at ``start``."""
         overslept = False
         if self._expected < SLEEP_FROM_S:
-            for fence in fences:            # IREE's wait: its spinning costs little on a short step
-                fence.wait()
+            fence.wait()                    # IREE's wait: its spinning costs little on a short step
         elif not self.done():
             planned = SLEEP_FRACTION * self._expected - TIMER_SLACK_S    # wake-up, from the start
             rest = planned - (time.perf_counter() - start)
@@ -179,7 +175,7 @@ class StepModule:
             self._signal.insert(timeline.semaphore, timeline.value)
             start = time.perf_counter()
             self.context.invoke(self.function, args, results)
-            timeline.wait(start, (self._signal,))
+            timeline.wait(start, self._signal)
         return results
 
     def result_buffers(self, results):
@@ -191,15 +187,13 @@ class StepModule:
 
 
 class StepChain:
-    """Fenced steps (``StepModule``s of one device) over disjoint buffers, run as one step:
-    all are queued, none waiting for another, before the caller waits once for all of them
-    (so the workers go from one to the next without the caller in between)."""
+    """Fenced steps (``StepModule``s of one device) run one after another as one step: each
+    call waits on the previous one's signal, all are queued before the caller waits, once,
+    for the last (so the workers go from one to the next without the caller in between)."""
 
     def __init__(self, device):
         self._timeline = _Timeline(device, 0)
-        self._met = rt.HalFence(1)          # (empty, so met: what every call waits on)
         self.calls = []                     # (StepModule, (wait fence, signal fence))
-        self._signals = []
 
     def add(self, module):
         """Append a call of ``module``; returns the fences its argument lists must pass
@@ -207,21 +201,23 @@ class StepChain:
         if not module.fenced:
             raise ValueError("only fenced steps can be chained")
         self._timeline.add()
-        fences = (self._met, rt.HalFence(1))
+        fences = (rt.HalFence(1), rt.HalFence(1))     # (the first call's wait stays empty: met)
         self.calls.append((module, fences))
-        self._signals.append(fences[1])
         return fences
 
     def __call__(self, arg_lists):
         """Run every call (``arg_lists``: one argument list per call) and return once all
         are done (their result lists)."""
         timeline, out = self._timeline, []
+        semaphores = timeline.semaphores
         with timeline.lock:
             timeline.value += 1
             start = time.perf_counter()
             try:
-                for (module, (_, signal)), semaphore, args in zip(self.calls, timeline.semaphores, arg_lists):
-                    signal.insert(semaphore, timeline.value)      # (the value only grows)
+                for k, ((module, (wait, signal)), args) in enumerate(zip(self.calls, arg_lists)):
+                    if k:
+                        wait.insert(semaphores[k - 1], timeline.value)   # (the values only grow)
+                    signal.insert(semaphores[k], timeline.value)
                     results = rt.VmVariantList(module.n_results)
                     with module._timeline.lock:     # (a module's context is shared: one invoke at a time)
                         module.context.invoke(module.function, args, results)
@@ -229,7 +225,7 @@ class StepChain:
             except BaseException:
                 timeline.settle(len(out))           # (no call of a later step may overtake them)
                 raise
-            timeline.wait(start, self._signals)
+            timeline.wait(start, signal)
         return out
 
     def in_place(self, results, buffer_lists):

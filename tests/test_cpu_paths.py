@@ -397,10 +397,9 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
     assert chain.calls[0][0].spec.dynamic == ("clipnorm" not in kwargs)
     steps = {id(module) for module, _ in chain.calls[1:]}
     assert len(steps) == (2 if "weight_decay" in kwargs else 1)
-    # padding: the last call of each weight-decay class (3 + 5 padding, 1 + 7: positions 1-7),
-    # each position of each with its own parameters, gradient, slots, average, norm
+    # padding positions 1-7, each with its own parameters, gradient, slots, average, norm
     kinds = 2 + len(opt._slot_names) + opt.use_ema + ("clipnorm" in kwargs)
-    assert sorted({k for _, _, k, _ in opt._pads}) == list(range(1, 8)) and len(opt._pads) == (5 + 7) * kinds
+    assert sorted({k for _, k, _ in opt._pads}) == list(range(1, 8)) and len(opt._pads) == 7 * kinds
     for pad in opt._pads.values():
         np.testing.assert_array_equal(pad.host, 0)
     # clipping by a norm: the large ones' norms are given (computed on the host); the small
@@ -410,15 +409,16 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
         assert given == [None] + ["given"] * 3
     else:
         assert given == ["given" if "global_clipnorm" in kwargs else None] * 4
-    # every call signals a semaphore of its own, once a step (none waits for another)
+    # every call signals a semaphore of its own, once a step
     assert [s.query() for s in chain._timeline.semaphores] == [chain._timeline.value] * len(widths) == [4] * 4
     assert groups.CHAIN_MIN_GROUPS < 12 and groups.CHAIN_WIDTH == 8
 
 
 def test_a_chain_call_that_fails_to_queue_waits_for_those_queued_before_it(monkeypatch):
-    """The calls of a chain do not wait for one another (runtime/module.py): when one fails
-    to queue, the call raises only once the calls queued before it are done, so none of them
-    can still run while a later step updates the same memory."""
+    """When a call of a chain fails to queue, the step raises once the calls queued before it
+    are done (none of them still runs when a later step starts), and the next step runs:
+    each call signals a semaphore of its own (runtime/module.py), so none waits for a value
+    the failed call never signalled."""
     from ireeopt.runtime import module
 
     settled, settle = [], module._Timeline.settle
