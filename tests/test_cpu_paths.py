@@ -423,22 +423,19 @@ def test_a_chain_call_that_fails_to_queue_waits_for_those_queued_before_it(monke
 
     settled, settle = [], module._Timeline.settle
     monkeypatch.setattr(module._Timeline, "settle", lambda self, count: (settled.append(count), settle(self, count)))
-    rng, variables, opt, ref = _model(15, [(N + k,) for k in range(17)] + [(5,)])
+    rng, variables, opt, _ = _model(15, [(N + k,) for k in range(17)] + [(5,)])
     opt.build(variables)
     (prepared,) = opt._prepared.values()
     chain = prepared.module
     assert [len(module.spec.variables) for module, _ in chain.calls] == [1, 8, 8, 8]
     wide = chain.calls[1][0]                        # (the 8-variable calls' module, shared by all three)
 
-    class Failing:
-        def __init__(self, context):
-            self.context = context
-
+    class Failing:                                  # (a VM context whose invoke fails)
         def invoke(self, *args):
             raise RuntimeError("could not queue the call")
 
     grads = [rng.standard_normal(v.shape).astype(np.float32) for v in variables]
-    context, wide.context = wide.context, Failing(wide.context)
+    context, wide.context = wide.context, Failing()
     try:
         with pytest.raises(RuntimeError, match="could not queue"):
             opt.apply_gradients(zip(grads, variables))
