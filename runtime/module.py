@@ -7,32 +7,33 @@ high-level ``FunctionInvoker`` is bypassed (it costs ~1 ms per call for
 hundreds of arguments).
 
 The runtime's own llvm-cpu steps take a wait and a signal fence (compiler/targets.py
-``FENCED``): the call returns once the step is queued, and ``__call__`` waits for a step of
-a millisecond or more by sleeping (most of the last step's duration) and then polling.
-IREE's own wait spins the calling thread for much of the step, on a core the local-task
-workers need: measured here, ~1 ms of the caller's CPU per 3 ms step at 2^22 parameters
-(0.1 ms with the sleeping wait) and 2.6 ms per 4 ms step of 200 x 2^22/200 (0.5 ms).
+``FENCED``): the call returns once the step is queued, and ``__call__`` waits for it by
+sleeping until shortly before its expected end (the last step's duration), then polling
+with the core yielded between polls (``_Timeline.wait``).  IREE's own wait spins the calling
+thread for much of the step, on a core the local-task workers need: measured here, ~1 ms of
+the caller's CPU per 3 ms step at 2^22 parameters (0.1 ms with the sleeping wait) and 2.6 ms
+per 4 ms step of 200 x 2^22/200 (0.5 ms).
 
 A ``StepChain`` runs several fenced calls as one step: each waits for the one before, all
 are queued before the caller waits (the same way) for the last.  Each call signals a
 semaphore of its own, once a step, so a call that fails to queue leaves no value unsignalled
 that a later step would wait for: the chain waits for the calls queued before it and raises.
 """
+import os
 import threading
 import time
 
 import iree.runtime as rt
 import numpy as np
 
-#: a fenced step expected to take this long (s) or longer is waited for by sleeping
-#: (SLEEP_FRACTION of its expected duration, less the timer slack a sleep may add) and then
-#: polling, POLL_S or ~1% of the time waited apart; a shorter one by IREE's wait, whose
-#: latency is lower
-SLEEP_FROM_S = 1e-3
-SLEEP_FRACTION = 0.85
+#: a fenced step is waited for by sleeping until SPIN_S (s) before its expected end, then
+#: polling with the core yielded between polls (``os.sched_yield``: a busy worker keeps its
+#: core, and the caller runs again as soon as one goes idle) for up to 2 * SPIN_S, then
+#: polling POLL_S or ~1% of the time waited apart (a step much slower than the last)
+SPIN_S = 300e-6
 LATE_WAKE_S = 500e-6
-TIMER_SLACK_S = 100e-6
 POLL_S = 20e-6
+_yield = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
 
 
 class LoadedModule:
@@ -92,23 +93,26 @@ class _Timeline:
         count = len(self.semaphores) if count is None else count
         return count == 0 or self.semaphores[count - 1].query() >= self.value
 
-    def wait(self, start, fence):
-        """Wait until ``fence`` (the last call's signal, at ``self.value``) is signalled by
-        work queued at ``start``."""
+    def wait(self, start):
+        """Wait until the last call's semaphore is signalled at ``value`` by work queued at
+        ``start`` (see SPIN_S).  Not IREE's wait, which spins the caller, nor polls by short
+        sleeps alone: on this VM a 20 us sleep took ~105 us (README, "A waiting caller")."""
         overslept = False
-        if self._expected < SLEEP_FROM_S:
-            fence.wait()                    # IREE's wait: its spinning costs little on a short step
-        elif not self.done():
-            planned = SLEEP_FRACTION * self._expected - TIMER_SLACK_S    # wake-up, from the start
+        if not self.done():
+            planned = self._expected - SPIN_S              # the wake-up, from the start
             rest = planned - (time.perf_counter() - start)
             if rest > 0:
                 time.sleep(rest)
                 # done at a wake-up on time: overslept; at a late one (the workers held
                 # both cores until the step ended) it says nothing about the step
-                on_time = time.perf_counter() - start < planned + TIMER_SLACK_S + LATE_WAKE_S
+                on_time = time.perf_counter() - start < planned + LATE_WAKE_S
                 overslept = on_time and self.done()
-            while not self.done():          # polls ~1% of the time waited apart
-                time.sleep(max(POLL_S, (time.perf_counter() - start) / 100))
+            spin_until = time.perf_counter() + 2 * SPIN_S
+            while not self.done():
+                if time.perf_counter() < spin_until:
+                    _yield()
+                else:                               # polls ~1% of the time waited apart
+                    time.sleep(max(POLL_S, (time.perf_counter() - start) / 100))
         # done before the sleep ended: the step may have got shorter (after a slow first
         # one, say), and the time measured is the sleep's, so the next expectation is halved
         self._expected = (time.perf_counter() - start) * (0.5 if overslept else 1.0)
@@ -175,7 +179,7 @@ class StepModule:
             self._signal.insert(timeline.semaphore, timeline.value)
             start = time.perf_counter()
             self.context.invoke(self.function, args, results)
-            timeline.wait(start, self._signal)
+            timeline.wait(start)
         return results
 
     def result_buffers(self, results):
@@ -225,7 +229,7 @@ class StepChain:
             except BaseException:
                 timeline.settle(len(out))           # (no call of a later step may overtake them)
                 raise
-            timeline.wait(start, signal)
+            timeline.wait(start)
         return out
 
     def in_place(self, results, buffer_lists):

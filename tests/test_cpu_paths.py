@@ -255,16 +255,18 @@ def test_variable_gradients_are_read_where_they_lie():
     np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("sleeping", [False, True])
-def test_fenced_steps_return_when_done(monkeypatch, sleeping):
+@pytest.mark.parametrize("spin_s", [None, 0.0])
+def test_fenced_steps_return_when_done(monkeypatch, spin_s):
     """The runtime's llvm-cpu steps are queued with a signal fence and waited for by the
-    runtime (runtime/module.py): by IREE's wait for a short step, by sleeping and polling
-    for a long one (forced here for every step); every step has finished when the call
-    returns, so the values read right after match the reference."""
+    runtime (runtime/module.py): by sleeping until shortly before the expected end, then
+    polling with the core yielded (a short step: only that), or, with no such margin
+    (``SPIN_S`` 0, forced here), by sleeping for all of it and then polling with short sleeps;
+    every step has finished when the call returns, so the values read right after match the
+    reference."""
     from ireeopt.runtime import module
 
-    if sleeping:
-        monkeypatch.setattr(module, "SLEEP_FROM_S", 0.0)
+    if spin_s is not None:
+        monkeypatch.setattr(module, "SPIN_S", spin_s)
     rng, variables, opt, ref = _model(8, [(1 << 19,), (33,)])
     opt.build(variables)
     (prepared,) = opt._prepared.values()
