@@ -355,3 +355,19 @@ class ChainBindings:
 
     def bind(self, sources):
         return [b.bind({j: sources[j] for j in b.arguments}) for b in self.calls]
+
+    def bind_each(self, gradients):
+        """The argument list of each call, made as the chain asks for it (a generator:
+        ``StepChain`` queues each call right after, so the first runs while the rest are
+        bound); ``gradients``: {own group: (its gradient, its staging array)}, each bound
+        where it lies if ``in_place``, else copied into its staging array first."""
+        for b in self.calls:
+            sources = {}
+            for j in b.arguments:
+                array, staging = gradients[j]
+                if in_place(array):
+                    sources[j] = array
+                else:
+                    staging[...] = array
+                    sources[j] = None
+            yield b.bind(sources)

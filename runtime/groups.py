@@ -383,20 +383,28 @@ class GroupSteps:
                 set(map(_kind, set(map(_dtype, grads)))) != _FLOAT:
             return False
         copies = [(host, grads[k]) for k, host in copied]
-        sources = {}
-        for k, j, host in bound:
-            grad = grads[k]
-            if flat.in_place(grad):
-                sources[j] = grad
-            else:
-                sources[j] = None
-                copies.append((host, grad))
-                nbytes += host.nbytes
         lr = self._step_lr()
         prepared, timed = self._form(prepared, since)
         hyper = self._constants(prepared.spec, lr)
-        if sources:
+        args = None
+        if isinstance(prepared.bindings, flat.ChainBindings):
+            # each call's large gradients bound as the chain queues it (``bind_each``): the
+            # first call runs while the others are bound; all at once where the norms of them
+            # all are summed first (``_host_norms``)
+            args = prepared.bindings.bind_each({j: (grads[k], host) for k, j, host in bound})
+            if prepared.norms is not None:
+                args = list(args)
+        elif bound:
+            sources = {}
+            for k, j, host in bound:
+                grad = grads[k]
+                if flat.in_place(grad):
+                    sources[j] = grad
+                else:
+                    sources[j] = None
+                    copies.append((host, grad))
+                    nbytes += host.nbytes
             prepared.args = prepared.bindings.bind(sources)
         flat.copy_to_hosts(copies, nbytes)
-        self._run_prepared(prepared, hyper, timed=timed)
+        self._run_prepared(prepared, hyper, timed=timed, args=args)
         return True

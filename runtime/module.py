@@ -210,8 +210,9 @@ class StepChain:
         return fences
 
     def __call__(self, arg_lists):
-        """Run every call (``arg_lists``: one argument list per call) and return once all
-        are done (their result lists)."""
+        """Run every call (``arg_lists``: one argument list per call, or an iterator that
+        makes each just before its call is queued) and return once all are done (their
+        result lists)."""
         timeline, out = self._timeline, []
         semaphores = timeline.semaphores
         with timeline.lock:

@@ -546,10 +546,11 @@ class Optimizer(GroupSteps, Training):
             self._remember_repeat(grads_and_vars, step)
         return self.iterations
 
-    def _run_prepared(self, prepared, hyper, scratch_rows=None, timed=None):
+    def _run_prepared(self, prepared, hyper, scratch_rows=None, timed=None, args=None):
         """With the inputs staged: write this step's scalars, run the prepared step (checking
         on its first call that it updated its state in place), count the step; ``timed``:
-        (cores.FormChoice, form) that records its duration (``_form``)."""
+        (cores.FormChoice, form) that records its duration (``_form``); ``args``: its
+        argument lists, if not ``prepared.args`` (a chain's, made as it queues each call)."""
         if prepared.norms is not None:
             self._host_norms(prepared, hyper)
         (self._hyper_buffer if prepared.hyper is None else prepared.hyper).write(hyper)
@@ -558,7 +559,7 @@ class Optimizer(GroupSteps, Training):
             self._run_eager(prepared.spec, prepared.buffers)
         else:
             start = time.perf_counter()
-            results = prepared.module(prepared.args)
+            results = prepared.module(prepared.args if args is None else args)
             if timed is not None:              # a form picked while other threads ran (cores.py)
                 timed[0].record(timed[1], time.perf_counter() - start)
             self._device_calls += 1

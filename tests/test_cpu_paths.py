@@ -416,6 +416,37 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
     assert groups.CHAIN_MIN_GROUPS < 12 and groups.CHAIN_WIDTH == 8
 
 
+def test_a_repeated_chain_step_binds_or_copies_each_large_gradient_as_it_goes():
+    """A repeated step of a chain binds each call's large gradients just before that call is
+    queued (``flat.ChainBindings.bind_each``): float32 C-contiguous ones where they lie, the
+    others (float64, strided) copied into their staging first, in any mix that changes from
+    step to step; the values match the reference and only the float32 ones are bound."""
+    shapes = [(N + 5 * k,) for k in range(11)] + [(6, 4)]
+    rng, variables, opt, ref = _model(12, shapes)
+    for step in range(5):
+        grads = []
+        for k, s in enumerate(shapes):
+            g = rng.standard_normal(s).astype(np.float32)
+            kind = (k + step) % 3 if k < 11 else 0
+            if kind == 1:
+                g = g.astype(np.float64)
+            elif kind == 2:
+                wide = np.zeros(2 * g.size, np.float32)
+                wide[::2] = g
+                g = wide[::2]                                       # a strided view
+                assert not g.flags.c_contiguous
+            grads.append(g)
+        opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+        if step:        # (the first step takes the general path; the rest the repeated one)
+            assert opt._repeat_steps
+        assert _in_place(opt) == _where(*[g for g in grads[:11] if flat.in_place(g)])
+        for v, want in zip(variables, ref.p):
+            np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
+    (prepared,) = opt._prepared.values()
+    assert isinstance(prepared.module, StepChain) and isinstance(prepared.bindings, flat.ChainBindings)
+
+
 def test_a_chain_call_that_fails_to_queue_waits_for_those_queued_before_it(monkeypatch):
     """When a call of a chain fails to queue, the step raises once the calls queued before it
     are done (none of them still runs when a later step starts), and the next step runs:
