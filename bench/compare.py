@@ -264,7 +264,8 @@ def main(argv=None):
     parser.add_argument("--devices", help="ireeopt devices (default: cpu, local-sync, local-task, and vulkan/cuda if present)")
     parser.add_argument("--peers", default=",".join(PEERS), help="peers to time (those installed)")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per implementation and scenario")
-    parser.add_argument("--output", default="ireeopt_bench", help="prefix of the JSON and PNG files")
+    parser.add_argument("--output", default="ireeopt_bench",
+                        help="prefix of the JSON and PNG files (a trailing .json is dropped)")
     parser.add_argument("--quick", action="store_true", help="small sizes only (2^16, 2^20), short budget, one process")
     parser.add_argument("--processes", type=int, default=3,
                         help="fresh processes per implementation and scenario, in rounds; the median of theirs is reported")
@@ -273,6 +274,8 @@ def main(argv=None):
     parser.add_argument("--sparse-table", default="1000000x64", help="its table, ROWSxWIDTH")
     parser.add_argument("--sparse-peers", default=",".join(SPARSE_PEERS), help="its peers (those installed)")
     args = parser.parse_args(argv)
+    if args.output.endswith(".json"):           # (``--output run.json`` writes run.json, not run.json.json)
+        args.output = args.output[:-len(".json")]
     try:
         sparse_rows, sparse_width = (int(x) for x in args.sparse_table.lower().split("x"))
     except ValueError:

@@ -7,12 +7,13 @@ def test_bench_runs_and_reports(tmp_path):
     out = tmp_path / "report"
     done = subprocess.run(["ireeopt", "bench", "--sizes", "4096", "--tensors", "1,3", "--devices", "local-sync",
                            "--peers", "", "--budget", "0.05", "--sparse-table", "1000x8", "--sparse-ks", "16",
-                           "--sparse-peers", "", "--processes", "2", "--output", str(out)], capture_output=True,
+                           "--sparse-peers", "", "--processes", "2", "--output", f"{out}.json"], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
     assert "| 3 × 1,365 |" in done.stdout and "roofline" in done.stdout
     assert "| 1,000 × 8, k = 16 |" in done.stdout
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "report.json").read_text())     # (--output's .json is not doubled)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report_1_tensors.png", "report_3_tensors.png"]
     assert [(r["tensors"], sorted(r["results"])) for r in report["rows"]] == [(1, ["ireeopt local-sync"]),
                                                                            (3, ["ireeopt local-sync"])]
     assert report["bandwidth_bytes_per_s"] > 0 and report["versions"]["iree-base-runtime"] == "3.13.0"
