@@ -416,7 +416,7 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
     assert groups.CHAIN_MIN_GROUPS < 12 and groups.CHAIN_WIDTH == 8
 
 
-def test_a_repeated_chain_step_binds_or_copies_each_large_gradient_as_it_goes():
+def test_a_repeated_chain_step_binds_or_copies_each_large_gradient_as_it_goes(monkeypatch):
     """A repeated step of a chain binds each call's large gradients just before that call is
     queued (``flat.ChainBindings.bind_each``): float32 C-contiguous ones where they lie, the
     others (float64, strided) copied into their staging first, in any mix that changes from
@@ -445,6 +445,22 @@ def test_a_repeated_chain_step_binds_or_copies_each_large_gradient_as_it_goes():
             np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
     (prepared,) = opt._prepared.values()
     assert isinstance(prepared.module, StepChain) and isinstance(prepared.bindings, flat.ChainBindings)
+    # one more step, recorded: each call is bound, then queued, before the next is bound
+    events, bind = [], flat.GradientBindings.bind
+    monkeypatch.setattr(flat.GradientBindings, "bind", lambda self, sources: events.append("bind") or bind(self, sources))
+
+    class Recorded:
+        def __init__(self, context):
+            self.context = context
+
+        def invoke(self, *args):
+            events.append("invoke")
+            return self.context.invoke(*args)
+
+    for module in {id(m): m for m, _ in prepared.module.calls}.values():
+        monkeypatch.setattr(module, "context", Recorded(module.context))
+    opt.apply_gradients([(rng.standard_normal(s).astype(np.float32), v) for s, v in zip(shapes, variables)])
+    assert events == ["bind", "invoke"] * len(prepared.module.calls)
 
 
 def test_a_chain_call_that_fails_to_queue_waits_for_those_queued_before_it(monkeypatch):
