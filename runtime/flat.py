@@ -360,7 +360,8 @@ class ChainBindings:
         """The argument list of each call, made as the chain asks for it (a generator:
         ``StepChain`` queues each call right after, so the first runs while the rest are
         bound); ``gradients``: {own group: (its gradient, its staging array)}, each bound
-        where it lies if ``in_place``, else copied into its staging array first."""
+        where it lies if ``in_place``, else (a strided one, say) copied into its staging
+        array first, on this thread."""
         for b in self.calls:
             sources = {}
             for j in b.arguments:

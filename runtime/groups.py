@@ -47,6 +47,7 @@ _ZERO = np.zeros((), np.float32)
 
 _shape, _dtype, _kind = attrgetter("shape"), attrgetter("dtype"), attrgetter("kind")
 _FLOAT = {"f"}
+_FLOAT32 = {np.dtype(np.float32)}
 
 
 class GroupSteps:
@@ -379,21 +380,20 @@ class GroupSteps:
             return False
         _, prepared, shapes, copied, bound, nbytes, _ = entry
         grads = [pair[0] for pair in pairs]
+        dtypes = set(map(_dtype, grads))
         if set(map(type, grads)) != _NDARRAY or list(map(_shape, grads)) != shapes or \
-                set(map(_kind, set(map(_dtype, grads)))) != _FLOAT:
+                set(map(_kind, dtypes)) != _FLOAT:
             return False
         copies = [(host, grads[k]) for k, host in copied]
         lr = self._step_lr()
         prepared, timed = self._form(prepared, since)
         hyper = self._constants(prepared.spec, lr)
         args = None
-        if isinstance(prepared.bindings, flat.ChainBindings):
-            # each call's large gradients bound as the chain queues it (``bind_each``): the
-            # first call runs while the others are bound; all at once where the norms of them
-            # all are summed first (``_host_norms``)
+        if isinstance(prepared.bindings, flat.ChainBindings) and dtypes == _FLOAT32 and prepared.norms is None:
+            # a chain of float32 gradients: each call's large ones bound as the chain queues
+            # it (``bind_each``), so the first call runs while the others are bound.  (Others
+            # are copied first, over the cores; a chain's norms are summed from them all first.)
             args = prepared.bindings.bind_each({j: (grads[k], host) for k, j, host in bound})
-            if prepared.norms is not None:
-                args = list(args)
         elif bound:
             sources = {}
             for k, j, host in bound:

@@ -417,25 +417,30 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
 
 
 def test_a_repeated_chain_step_binds_or_copies_each_large_gradient_as_it_goes(monkeypatch):
-    """A repeated step of a chain binds each call's large gradients just before that call is
-    queued (``flat.ChainBindings.bind_each``): float32 C-contiguous ones where they lie, the
-    others (float64, strided) copied into their staging first, in any mix that changes from
-    step to step; the values match the reference and only the float32 ones are bound."""
+    """A repeated step of a chain of float32 gradients binds each call's large gradients just
+    before that call is queued (``flat.ChainBindings.bind_each``): C-contiguous ones where
+    they lie, strided ones copied into their staging first; with a float64 gradient among
+    them all are staged and bound first (the copies over the cores).  Mixes that change from
+    step to step: the values match the reference and only the float32 contiguous ones are bound."""
     shapes = [(N + 5 * k,) for k in range(11)] + [(6, 4)]
     rng, variables, opt, ref = _model(12, shapes)
-    for step in range(5):
+
+    def gradients(step):
         grads = []
         for k, s in enumerate(shapes):
             g = rng.standard_normal(s).astype(np.float32)
-            kind = (k + step) % 3 if k < 11 else 0
-            if kind == 1:
-                g = g.astype(np.float64)
-            elif kind == 2:
+            if k < 11 and (k + step) % 3 == 0 and step % 3 == 1:
                 wide = np.zeros(2 * g.size, np.float32)
                 wide[::2] = g
                 g = wide[::2]                                       # a strided view
                 assert not g.flags.c_contiguous
+            elif k < 11 and (k + step) % 3 == 0 and step % 3 == 2:
+                g = g.astype(np.float64)
             grads.append(g)
+        return grads
+
+    for step in range(6):
+        grads = gradients(step)
         opt.apply_gradients(zip(grads, variables))
         ref.step(grads)
         if step:        # (the first step takes the general path; the rest the repeated one)
@@ -445,7 +450,8 @@ def test_a_repeated_chain_step_binds_or_copies_each_large_gradient_as_it_goes(mo
             np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
     (prepared,) = opt._prepared.values()
     assert isinstance(prepared.module, StepChain) and isinstance(prepared.bindings, flat.ChainBindings)
-    # one more step, recorded: each call is bound, then queued, before the next is bound
+    # two more steps, recorded: float32 (strided ones among them), each call bound, then
+    # queued, before the next is bound; with float64 ones, all bound first
     events, bind = [], flat.GradientBindings.bind
     monkeypatch.setattr(flat.GradientBindings, "bind", lambda self, sources: events.append("bind") or bind(self, sources))
 
@@ -459,8 +465,15 @@ def test_a_repeated_chain_step_binds_or_copies_each_large_gradient_as_it_goes(mo
 
     for module in {id(m): m for m, _ in prepared.module.calls}.values():
         monkeypatch.setattr(module, "context", Recorded(module.context))
-    opt.apply_gradients([(rng.standard_normal(s).astype(np.float32), v) for s, v in zip(shapes, variables)])
-    assert events == ["bind", "invoke"] * len(prepared.module.calls)
+    calls = len(prepared.module.calls)
+    for step, order in ((7, ["bind", "invoke"] * calls), (8, ["bind"] * calls + ["invoke"] * calls)):
+        grads = gradients(step)
+        events.clear()
+        opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+        assert events == order, step
+        for v, want in zip(variables, ref.p):
+            np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
 
 
 def test_a_chain_call_that_fails_to_queue_waits_for_those_queued_before_it(monkeypatch):
