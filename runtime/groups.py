@@ -380,9 +380,10 @@ class GroupSteps:
             return False
         _, prepared, shapes, copied, bound, nbytes, _ = entry
         grads = [pair[0] for pair in pairs]
+        if set(map(type, grads)) != _NDARRAY or list(map(_shape, grads)) != shapes:
+            return False
         dtypes = set(map(_dtype, grads))
-        if set(map(type, grads)) != _NDARRAY or list(map(_shape, grads)) != shapes or \
-                set(map(_kind, dtypes)) != _FLOAT:
+        if set(map(_kind, dtypes)) != _FLOAT:
             return False
         copies = [(host, grads[k]) for k, host in copied]
         lr = self._step_lr()
