@@ -47,7 +47,7 @@ _ZERO = np.zeros((), np.float32)
 
 _shape, _dtype, _kind = attrgetter("shape"), attrgetter("dtype"), attrgetter("kind")
 _FLOAT = {"f"}
-_FLOAT32 = {np.dtype(np.float32)}
+_ONLY_FLOAT32 = {np.dtype(np.float32)}        # (a set of dtypes: all float32)
 
 
 class GroupSteps:
@@ -390,7 +390,7 @@ class GroupSteps:
         prepared, timed = self._form(prepared, since)
         hyper = self._constants(prepared.spec, lr)
         args = None
-        if isinstance(prepared.bindings, flat.ChainBindings) and dtypes == _FLOAT32 and prepared.norms is None:
+        if isinstance(prepared.bindings, flat.ChainBindings) and dtypes == _ONLY_FLOAT32 and prepared.norms is None:
             # a chain of float32 gradients: each call's large ones bound as the chain queues
             # it (``bind_each``), so the first call runs while the others are bound.  (Others
             # are copied first, over the cores; a chain's norms are summed from them all first.)
