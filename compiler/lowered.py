@@ -18,7 +18,7 @@ import json
 import pathlib
 
 from ..kernels import sources_hash
-from ..kernels.step import CHAIN_MIN_GROUPS, CHAIN_WIDTH, StepSpec, VarSpec, dynamic_spec
+from ..kernels.step import CHAIN_MIN_GROUPS, CHAIN_WIDTH, WIDE_CHAIN_WIDTH, StepSpec, VarSpec, dynamic_spec
 from .trace import lowering_hash
 
 FILE = pathlib.Path(__file__).with_name("lowered.json.gz")
@@ -29,11 +29,14 @@ _loaded = {}            # "steps": {key: text}, "sources": this process's (``_so
 
 def shipped_specs():
     """The specs of ``lowered.json.gz``: for Adam, AdamW and Adamax, steps over 1 to
-    MAX_GROUPS groups without clipping or under clipvalue, and the steps a chain calls when
-    it clips by a norm, which it is given (``norms="given"``: its CHAIN_WIDTH variables, and
-    under global_clipnorm the other groups', mostly one)."""
-    forms = [(None, None, range(1, MAX_GROUPS + 1)), ("clipvalue", None, range(1, MAX_GROUPS + 1)),
-             ("clipnorm", "given", (CHAIN_WIDTH,)), ("global_clipnorm", "given", (1, CHAIN_WIDTH))]
+    MAX_GROUPS groups and over WIDE_CHAIN_WIDTH (a wide chain's calls) without clipping or
+    under clipvalue, and the steps a chain calls when it clips by a norm, which it is given
+    (``norms="given"``: its CHAIN_WIDTH or WIDE_CHAIN_WIDTH variables, and under
+    global_clipnorm the other groups', mostly one)."""
+    plain = (*range(1, MAX_GROUPS + 1), WIDE_CHAIN_WIDTH)
+    forms = [(None, None, plain), ("clipvalue", None, plain),
+             ("clipnorm", "given", (CHAIN_WIDTH, WIDE_CHAIN_WIDTH)),
+             ("global_clipnorm", "given", (1, CHAIN_WIDTH, WIDE_CHAIN_WIDTH))]
     return [dynamic_spec(StepSpec(kind, (VarSpec((1,), "float32"),), (decay,), clip, norms=norms), count)
             for kind, decay in (("adam", False), ("adam", True), ("adamax", False))
             for clip, norms, counts in forms for count in counts]

@@ -170,9 +170,17 @@ class StepSpec:
 
 #: the steps of any lengths (``dynamic_spec``) that chain a model's large variables
 #: (runtime/groups.py, which says why): a model with more than CHAIN_MIN_GROUPS of them
-#: updates them CHAIN_WIDTH a call; the steps shipped lowered follow (compiler/lowered.py)
+#: updates them CHAIN_WIDTH a call, or WIDE_CHAIN_WIDTH a call where one weight-decay class
+#: has more than WIDE_CHAIN_WIDTH (``chain_width``); the steps shipped lowered follow
+#: (compiler/lowered.py)
 CHAIN_MIN_GROUPS = 8
 CHAIN_WIDTH = 8
+WIDE_CHAIN_WIDTH = 32
+
+
+def chain_width(count):
+    """How many of ``count`` large variables (of one weight-decay class) a chain's call updates."""
+    return WIDE_CHAIN_WIDTH if count > WIDE_CHAIN_WIDTH else CHAIN_WIDTH
 
 
 def dynamic_spec(spec, count):

@@ -6,7 +6,8 @@ dispatch per group.  A large float32 variable has a group of its own, whose grad
 bound where it lies; the others' gradients are copied into their group's staging.  With
 more than CHAIN_MIN_GROUPS such own groups the step is a chain instead: the other groups'
 step, then calls of steps compiled for 1-D variables of any length, CHAIN_WIDTH own groups
-a call (one dispatch per variable costs compile time, not step time).  A
+a call, or WIDE_CHAIN_WIDTH in a chain of more than that many (one dispatch per variable
+costs compile time, not step time).  A
 call like a remembered one (same variables, same order, plain float arrays) takes a
 short path that checks and stages it in one pass.
 """
@@ -15,7 +16,7 @@ from operator import attrgetter
 
 import numpy as np
 
-from ..kernels.step import CHAIN_MIN_GROUPS, CHAIN_WIDTH, VarSpec, dynamic_spec, size_of, slot_dtype
+from ..kernels.step import CHAIN_MIN_GROUPS, VarSpec, chain_width, dynamic_spec, size_of, slot_dtype
 from .cache import step_modules
 from .cores import FormChoice, cores_taken
 from .device import Device
@@ -126,14 +127,17 @@ class GroupSteps:
 
     def _chained(self):
         """Whether the group step is a chain (``_prepare_chain``): more than CHAIN_MIN_GROUPS
-        own groups (kernels/step.py), updated by calls of one step compiled for CHAIN_WIDTH
-        1-D variables of any length (``dynamic_spec``) after the step of the other groups
-        (the last call's missing variables are padding, one element each: ``_padding``);
-        fewer own groups are dispatches of one step.  A static step's dispatch costs ~40 ms
-        of compile time (200 tensors of 84 KB: ~10 s), each compiled step ~0.7-1 s of the
-        first call, a call of 8 variables ~45 us of the caller's time per step (IREE's VM
-        checks its 33 buffers); calls of 16 or 32 variables were no faster (200 x 2^24/200:
-        19.9 and 19.1 against 19.9 ms) and took 2.8-3.0 s to compile against 0.7."""
+        own groups (kernels/step.py), updated by calls of one step compiled for
+        ``chain_width`` 1-D variables of any length (``dynamic_spec``) after the step of the
+        other groups (the last call's missing variables are padding, one element each:
+        ``_padding``); fewer own groups are dispatches of one step.  A static step's dispatch
+        costs ~40 ms of compile time (200 tensors of 84 KB: ~10 s), each compiled step
+        ~0.5-1 s of the first call.  Each call costs the caller ~24 us of IREE's VM (it
+        checks 33 buffers, records 8 dispatches and queues them) with the workers idle, ~50
+        while they run, ~10 us of it whatever the width: 200 x 2^22/200 in calls of 32
+        variables took 0.89-1.00 of its step in calls of 8 (median 0.94 of six runs in one
+        process; 200 x 2^24/200 0.92, 0.95), 16 or 24 0.94-1.05, and a step of 32 compiles in
+        ~1.05 s against ~0.5, so only a chain of more than 32 large variables has them."""
         return self.jit_compile and len(self._own_groups) > CHAIN_MIN_GROUPS
 
     def _prepare_groups(self):
@@ -230,8 +234,8 @@ class GroupSteps:
         return prepared
 
     def _prepare_chain(self, device):
-        """The other groups' step (if any), then the own groups, CHAIN_WIDTH a call of a
-        step compiled for 1-D float32 variables of any length, as one
+        """The other groups' step (if any), then the own groups, ``chain_width`` a call of
+        a step compiled for 1-D float32 variables of any length, as one
         ``StepChain`` on ``device``; ``prepared.args`` is the argument list of each call.
 
         Clipping by a norm: the norms of the gradients, which lie in host memory, are
@@ -290,15 +294,16 @@ class GroupSteps:
 
     def _chain_links(self, others, own, norms_given):
         """(groups, spec) of each call of a chain over the groups ``others`` (one step, if
-        any: ``_group_spec``) and then the own groups ``own``, CHAIN_WIDTH a call by one step of
-        any lengths (the last call's groups padded with None: ``_padding``), so that a chain
-        compiles one such step per weight-decay class; ``norms_given``: the steps are given
-        their norms (``_group_spec``)."""
+        any: ``_group_spec``) and then the own groups ``own``, ``chain_width(len(own))`` a
+        call by one step of any lengths (the last call's groups padded with None:
+        ``_padding``), so that a chain compiles one such step per weight-decay class;
+        ``norms_given``: the steps are given their norms (``_group_spec``)."""
         links = [(others, self._group_spec(others, norms_given))] if others else []
-        for start in range(0, len(own), CHAIN_WIDTH):
-            groups = own[start:start + CHAIN_WIDTH]
-            spec = dynamic_spec(self._group_spec(groups, norms_given), CHAIN_WIDTH)
-            links.append((groups + [None] * (CHAIN_WIDTH - len(groups)), spec))
+        width = chain_width(len(own))
+        for start in range(0, len(own), width):
+            groups = own[start:start + width]
+            spec = dynamic_spec(self._group_spec(groups, norms_given), width)
+            links.append((groups + [None] * (width - len(groups)), spec))
         return links
 
     def _prepare_slices(self, spec, indices, buffers, grad_buffers):

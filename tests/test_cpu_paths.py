@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ireeopt
-from ireeopt.kernels.step import size_of
+from ireeopt.kernels.step import CHAIN_WIDTH, WIDE_CHAIN_WIDTH, chain_width, size_of
 from ireeopt.runtime import flat
 from ireeopt.runtime.module import StepChain
 
@@ -413,7 +413,42 @@ def test_many_large_variables_are_updated_by_a_chain_of_length_generic_steps(kwa
         assert given == ["given" if "global_clipnorm" in kwargs else None] * 4
     # every call signals a semaphore of its own, once a step
     assert [s.query() for s in chain._timeline.semaphores] == [chain._timeline.value] * len(widths) == [4] * 4
-    assert groups.CHAIN_MIN_GROUPS < 12 and groups.CHAIN_WIDTH == 8
+    assert groups.CHAIN_MIN_GROUPS < 12 and chain_width(11) == CHAIN_WIDTH == 8
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"global_clipnorm": 1.0}])
+def test_a_chain_of_more_than_32_large_variables_updates_them_32_a_call(kwargs):
+    """A weight-decay class of more than WIDE_CHAIN_WIDTH large variables is updated
+    WIDE_CHAIN_WIDTH a call (fewer calls, each of which costs the caller ~10 us whatever its
+    width: runtime/groups.py ``_chained``), the last call padded: 35 large variables in two
+    calls of 32, after the small variables' step; the values match the reference, every
+    gradient is read where it lies, and the padding stays zeros.  (The large gradients of
+    the first steps are large, so that global_clipnorm is felt in the first moments.)"""
+    assert chain_width(WIDE_CHAIN_WIDTH) == CHAIN_WIDTH and chain_width(WIDE_CHAIN_WIDTH + 1) == WIDE_CHAIN_WIDTH
+    large = WIDE_CHAIN_WIDTH + 3
+    shapes = [(N + 7 * k,) for k in range(large)] + [(5, 3)]
+    rng = np.random.default_rng(14)
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    variables = [ireeopt.Variable(x, name=f"w{i}") for i, x in enumerate(init)]
+    opt = ireeopt.Adam(learning_rate=0.01, **kwargs)
+    ref = Reference("adam", init, [v.name for v in variables], learning_rate=0.01, **kwargs)
+    for step in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) * (50 if step < 2 else 0.01) for s in shapes]
+        opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+        assert _in_place(opt) == _where(*grads[:large])
+        for v, want in zip(variables, ref.p):
+            np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=f"{v.name} {step}")
+        for k, want in enumerate(ref.m):
+            np.testing.assert_allclose(opt._slots["m"][k].numpy(), want, rtol=2e-5, atol=2e-6 * np.abs(want).max())
+    (prepared,) = opt._prepared.values()
+    chain = prepared.module
+    assert [len(module.spec.variables) for module, _ in chain.calls] == [1, WIDE_CHAIN_WIDTH, WIDE_CHAIN_WIDTH]
+    assert chain.calls[1][0] is chain.calls[2][0]          # (one compiled step of 32)
+    assert sorted({k for _, k, _ in opt._pads}) == list(range(large - WIDE_CHAIN_WIDTH, WIDE_CHAIN_WIDTH))
+    for pad in opt._pads.values():
+        np.testing.assert_array_equal(pad.host, 0)
+    assert [s.query() for s in chain._timeline.semaphores] == [3] * 3
 
 
 def test_a_repeated_chain_step_binds_or_copies_each_large_gradient_as_it_goes(monkeypatch):

@@ -107,7 +107,7 @@ def test_the_shipped_lowered_steps_are_current():
     from ireeopt.compiler.trace import lower_step
 
     specs = lowered.shipped_specs()
-    assert len(specs) == 63 and all(spec.dynamic for spec in specs)
+    assert len(specs) == 75 and all(spec.dynamic for spec in specs)
     for spec in specs:
         assert lowered.shipped(spec) == lower_step(spec), spec
 
