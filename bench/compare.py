@@ -102,6 +102,15 @@ def _available_devices():
     return devices
 
 
+def make_dense(name, split):
+    """The ``step`` of implementation ``name`` ("ireeopt DEVICE" or a peer of ``PEERS``) on a
+    model of tensors of ``split`` sizes (raises ``peers.Unavailable``, or KeyError for an
+    unknown peer)."""
+    if name.startswith("ireeopt "):
+        return make_ireeopt(name.split(" ", 1)[1], split)
+    return PEERS[name](split)
+
+
 def _one(name, split, budget_s, sparse=None):
     """Time implementation ``name`` on a model of tensors of ``split`` sizes, or with
     ``sparse`` = (rows, width, k) on the sparse embedding scenario (in this process)."""
@@ -111,10 +120,8 @@ def _one(name, split, budget_s, sparse=None):
             make = lambda: make_ireeopt_sparse(device, optimizer, *sparse)    # noqa: E731
         else:
             make = lambda: SPARSE_PEERS[name](*sparse)                         # noqa: E731
-    elif name.startswith("ireeopt "):
-        make = lambda: make_ireeopt(name.split(" ", 1)[1], split)             # noqa: E731
     else:
-        make = lambda: PEERS[name](split)                                     # noqa: E731
+        make = lambda: make_dense(name, split)                               # noqa: E731
     start = time.perf_counter()
     step = make()
     step()                      # the first call compiles (ireeopt, jax)

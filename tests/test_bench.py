@@ -1,6 +1,7 @@
 """``ireeopt bench`` runs and writes its table, JSON and plots (no timing is asserted)."""
 import json
 import subprocess
+import sys
 
 
 def test_bench_runs_and_reports(tmp_path):
@@ -46,3 +47,37 @@ def test_first_call_bench_compiles_in_a_cold_process():
 
     seconds, jax = first_call(4000, 20)
     assert 0 < seconds < 60 and jax is False
+
+
+def test_side_by_side_takes_the_two_in_turn(monkeypatch):
+    """bench/side_by_side.py: two warm-up calls each, then blocks of ``steps`` of one and of
+    the other for ``rounds`` rounds, or one step of each in turn; every step is timed."""
+    from ireeopt.bench import side_by_side as sbs
+
+    for mode, want in (("blocks", "aaabbbaaabbb"), ("alternate", "ababab" * 2)):
+        calls = []
+        monkeypatch.setattr(sbs, "make_dense", lambda name, split: lambda: calls.append(name[0]))
+        medians = sbs.side_by_side("a", "b", [4], mode, steps=3, rounds=2)
+        assert "".join(calls) == "aabb" + want, mode
+        assert sorted(medians) == ["a", "b"] and all(m >= 0 for m in medians.values())
+
+
+def test_side_by_side_runs_two_ireeopt_devices_and_rejects_bad_input():
+    import re
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ireeopt.bench.side_by_side", *a],   # noqa: E731
+                                    capture_output=True, text=True)
+    done = run("--first", "ireeopt local-sync", "--second", "ireeopt local-task", "--params", "4096", "--tensors", "3",
+               "--steps", "3", "--rounds", "2", "--mode", "alternate")
+    assert done.returncode == 0, done.stderr
+    found = re.fullmatch(r"3 x 1,365 params, alternate, 2 x 3 steps each: ireeopt local-sync ([\d.]+) ms, "
+                         r"ireeopt local-task ([\d.]+) ms, ratio ([\d.]+)\n", done.stdout)
+    assert found, done.stdout
+    a, b, ratio = map(float, found.groups())
+    assert a > 0 and b > 0 and abs(ratio - a / b) <= 0.01 * ratio + 1e-3
+    for args, message in ((["--first", "mxnet"], "unknown implementation 'mxnet'"),
+                          (["--first", "torch-fused"], "--first and --second must differ"),
+                          (["--params", "2", "--tensors", "3"], "must be at least --tensors"),
+                          (["--steps", "0"], "--steps and --rounds must be at least 1")):
+        done = run(*args)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
