@@ -6,8 +6,8 @@ dispatch per group.  A large float32 variable has a group of its own, whose grad
 bound where it lies; the others' gradients are copied into their group's staging.  With
 more than CHAIN_MIN_GROUPS such own groups the step is a chain instead: the other groups'
 step, then calls of steps compiled for 1-D variables of any length, CHAIN_WIDTH own groups
-a call, or WIDE_CHAIN_WIDTH in a chain of more than that many (one dispatch per variable
-costs compile time, not step time).  A
+a call, or WIDE_CHAIN_WIDTH where one weight-decay class has more than that many (one
+dispatch per variable costs compile time, not step time).  A
 call like a remembered one (same variables, same order, plain float arrays) takes a
 short path that checks and stages it in one pass.
 """
@@ -137,7 +137,8 @@ class GroupSteps:
         while they run, ~10 us of it whatever the width: 200 x 2^22/200 in calls of 32
         variables took 0.89-1.00 of its step in calls of 8 (median 0.94 of six runs in one
         process; 200 x 2^24/200 0.92, 0.95), 16 or 24 0.94-1.05, and a step of 32 compiles in
-        ~1.05 s against ~0.5, so only a chain of more than 32 large variables has them."""
+        ~1.05 s against ~0.5, so only a weight-decay class of more than 32 large variables has
+        them (``chain_width``)."""
         return self.jit_compile and len(self._own_groups) > CHAIN_MIN_GROUPS
 
     def _prepare_groups(self):
