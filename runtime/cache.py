@@ -52,8 +52,12 @@ def _static():
     return _STATIC
 
 
-def cache_key(spec, target):
+def cache_key(spec, target, tile=None):
+    """The disk key of ``spec`` compiled for ``target`` (with workgroups of ``tile``
+    elements: compiler/tiles.py; None, IREE's own)."""
     key = {"spec": spec.to_json(), "target": target, "flags": step_flags(target, spec), **_static()}
+    if tile is not None:
+        key["tile"] = tile
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -102,13 +106,15 @@ def compile_vmfb(spec, target):
     return compile_vmfbs([spec], target)[0]
 
 
-def compile_vmfbs(specs, target):
-    """vmfb bytes for each of ``specs`` on ``target``, from the disk cache or fresh compiles.
+def compile_vmfbs(specs, target, tiles=None):
+    """vmfb bytes for each of ``specs`` on ``target`` (with workgroups of ``tiles[k]``
+    elements, where given: compiler/tiles.py), from the disk cache or fresh compiles.
     Those to compile are lowered one after another (by jax, unless shipped lowered:
     compiler/lowered.py) and compiled at the same time, each by an iree-compile process of its
     own started as soon as its StableHLO is ready: on 2 cores a first call that needs 2 steps
     took ~1.0 s of iree-compile against 1.8."""
-    paths = [cache_dir() / f"{cache_key(spec, target)}.vmfb" for spec in specs]
+    tiles = tiles or [None] * len(specs)
+    paths = [cache_dir() / f"{cache_key(spec, target, tile)}.vmfb" for spec, tile in zip(specs, tiles)]
     out = []
     for path in paths:
         try:
@@ -123,7 +129,7 @@ def compile_vmfbs(specs, target):
             else f"{len(missing)} {'/'.join(kinds)} steps ({target})")
     try:
         with _SlowNotice(what):
-            for k, vmfb in zip(missing, _compile_all([specs[k] for k in missing], target)):
+            for k, vmfb in zip(missing, _compile_all([specs[k] for k in missing], target, [tiles[k] for k in missing])):
                 out[k] = vmfb
     except ImportError as e:
         raise RuntimeError(f"the {what} is not in the compile cache ({cache_dir()}) and cannot be compiled "
@@ -137,18 +143,20 @@ def compile_vmfbs(specs, target):
     return out
 
 
-def _compile_all(specs, target):
-    """The vmfb of each spec: lowered here (or shipped lowered: compiler/lowered.py), one
-    after another, each compiled on a thread of its own (iree-compile runs as a process)
-    while the next is lowered; a failure is raised once all are done."""
+def _compile_all(specs, target, tiles):
+    """The vmfb of each spec (with workgroups of its tile of ``tiles``, or IREE's): lowered
+    here (or shipped lowered: compiler/lowered.py), one after another, each compiled on a
+    thread of its own (iree-compile runs as a process) while the next is lowered; a failure
+    is raised once all are done."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..compiler import compile_mlir, lower_step   # JAX-free to import; jax and iree.compiler load inside
     from ..compiler.lowered import shipped
+    from ..compiler.tiles import tile_flags
 
     with ThreadPoolExecutor(len(specs), thread_name_prefix="ireeopt-compile") as pool:
-        futures = [pool.submit(compile_mlir, shipped(spec) or lower_step(spec), step_flags(target, spec))
-                   for spec in specs]
+        futures = [pool.submit(compile_mlir, shipped(spec) or lower_step(spec), step_flags(target, spec) + tile_flags(tile))
+                   for spec, tile in zip(specs, tiles)]
     return [future.result() for future in futures]
 
 
@@ -182,20 +190,24 @@ def traced_module(key, lower, flags, device, what):
         return _memory.setdefault(memory_key, module)
 
 
-def step_module(spec, device):
-    """The loaded ``StepModule`` for ``spec`` on ``device`` (compiled at most once)."""
-    return step_modules([spec], device)[0]
+def step_module(spec, device, tile=None):
+    """The loaded ``StepModule`` for ``spec`` on ``device`` (compiled at most once; with
+    workgroups of ``tile`` elements: compiler/tiles.py)."""
+    return step_modules([spec], device, [tile])[0]
 
 
-def step_modules(specs, device):
+def step_modules(specs, device, tiles=None):
     """The loaded ``StepModule`` of each of ``specs`` on ``device`` (each compiled at most
-    once; those not yet loaded come from ``compile_vmfbs``, compiled at the same time)."""
-    keys = [(spec, device.key) for spec in specs]
+    once, with workgroups of ``tiles[k]`` elements where given; those not yet loaded come
+    from ``compile_vmfbs``, compiled at the same time)."""
+    keys = [(spec, device.key, tile) for spec, tile in zip(specs, tiles or [None] * len(specs))]
     with _lock:
-        missing = list(dict.fromkeys(key[0] for key in keys if key not in _memory))
+        missing = list(dict.fromkeys((spec, tile) for spec, _, tile in keys if (spec, device.key, tile) not in _memory))
         if missing:
-            for spec, vmfb in zip(missing, compile_vmfbs(missing, device.target)):
-                _memory[(spec, device.key)] = LoadedModule(device, vmfb).step("main", spec)
+            vmfbs = compile_vmfbs([spec for spec, _ in missing], device.target, [tile for _, tile in missing])
+            for (spec, tile), vmfb in zip(missing, vmfbs):
+                module = _memory[(spec, device.key, tile)] = LoadedModule(device, vmfb).step("main", spec)
+                module.tile = tile
         return [_memory[key] for key in keys]
 
 

@@ -82,6 +82,32 @@ class _Threads:
 _threads = _Threads()
 
 
+def task_workers():
+    """How many workers IREE's local-task executor has (its threads are named
+    "iree-worker-N"), read from /proc once the executor exists; 0 where that cannot be read
+    or before."""
+    if _workers:
+        return _workers[0]
+    count = 0
+    try:
+        for tid in os.listdir(_TASKS):
+            try:
+                with open(f"{_TASKS}/{tid}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            if name.startswith("iree-worker-") and name[12:].isdigit():
+                count = max(count, int(name[12:]) + 1)
+    except OSError:
+        return 0
+    if count:
+        _workers.append(count)
+    return count
+
+
+_workers = []
+
+
 def _cpu(clocks):
     seconds = []
     for _, clock in clocks:

@@ -64,6 +64,7 @@ class PreparedStep:
         self.own_of = {}               # a step over slices: {variable index: the own group bound in place}
         self.twin = None               # the same step on the calling thread (runtime/cores.py)
         self.choice = None             # its cores.FormChoice
+        self.contended = None          # a step with one workgroup a worker: the same with IREE's tiles
 
 
 class _Timeline:
@@ -130,6 +131,7 @@ class StepModule:
 
     def __init__(self, loaded, name, spec, n_results=None):
         self.loaded, self.spec = loaded, spec
+        self.tile = None               # its workgroup tile (compiler/tiles.py), None for IREE's: runtime/cache.py
         self.function = loaded.vm_module.lookup_function(name)
         if self.function is None:
             raise RuntimeError(f"the compiled module has no function {name!r}; recompile it")

@@ -320,14 +320,15 @@ class Optimizer(GroupSteps, Training):
             self.built = False
             raise
 
-    def _prepared_step(self, spec, buffers, grad_buffers, device=None):
+    def _prepared_step(self, spec, buffers, grad_buffers, device=None, tile=None):
         """A ``PreparedStep`` over ``buffers``: its module (the artifact's, the compile cache's,
-        or none for ``jit_compile=False``) on ``device`` (default the optimizer's) and the VM
+        or none for ``jit_compile=False``) on ``device`` (default the optimizer's; compiled
+        with workgroups of ``tile`` elements where given: compiler/tiles.py) and the VM
         argument list made once."""
         if self._artifact is not None:
             module = self._artifact.step(spec)
         else:
-            module = step_module(spec, device or self._device) if self.jit_compile else None
+            module = step_module(spec, device or self._device, tile) if self.jit_compile else None
         args = module.arguments(buffers) if module else None
         return PreparedStep(spec, module, args, buffers, grad_buffers)
 

@@ -162,6 +162,45 @@ def test_steps_while_other_threads_are_busy_run_either_form_and_match_the_refere
         np.testing.assert_allclose(opt._slots["v"][k].numpy(), want, rtol=2e-5, atol=1e-9)
 
 
+
+@pytest.mark.skipif(cores.CORES < 2, reason="one core: while the caller prepares a step no other thread runs")
+def test_a_step_with_one_workgroup_a_worker_runs_with_iree_tiles_while_other_threads_are_busy(relisted):
+    """One variable in the twin's range: its step has one workgroup a local-task worker
+    (groups.halves_tile) while the other threads are idle; while they are busy the form
+    tried against the twin is the same step with IREE's own tiles (``prepared.contended``:
+    a worker that shares its core with a busy thread then takes fewer tiles instead of
+    holding up the step), and every form gives the reference's values."""
+    rng = np.random.default_rng(6)
+    shape = (TWIN_MIN_PARAMS + 3,)
+    init = [rng.standard_normal(shape).astype(np.float32)]
+    variables = [ireeopt.Variable(init[0], name="w0")]
+    opt, ref = ireeopt.Adam(learning_rate=0.01), Reference("adam", init, ["w0"], learning_rate=0.01)
+
+    def step():
+        grads = [rng.standard_normal(shape).astype(np.float32)]
+        opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+
+    step()
+    (prepared,) = opt._prepared.values()
+    if prepared.module.tile is None:
+        pytest.skip("local-task has one worker here: no workgroup a worker to replace")
+    contended = prepared.contended
+    assert contended.module.tile is None and _drivers(contended) == {"local-task"} and not contended.verified
+    assert prepared.twin.module.tile == prepared.module.tile and _drivers(prepared.twin) == {"local-sync"}
+    busy = _Busy()
+    try:
+        for _ in range(40):
+            step()
+            if min(map(len, prepared.choice.times)) == cores.FormChoice.TRIES:
+                break
+    finally:
+        busy.stop()
+    assert [len(t) for t in prepared.choice.times] == [cores.FormChoice.TRIES] * 2
+    assert contended.verified and prepared.twin.verified           # (each ran, in place)
+    np.testing.assert_allclose(variables[0].numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(opt._slots["v"][0].numpy(), ref.v[0], rtol=2e-5, atol=1e-9)
+
 def _drivers(prepared):
     chain = getattr(prepared.module, "calls", None)
     modules = [module for module, _ in chain] if chain else [prepared.module]

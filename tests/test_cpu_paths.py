@@ -7,7 +7,9 @@ import pytest
 
 import ireeopt
 from ireeopt.kernels.step import CHAIN_WIDTH, WIDE_CHAIN_WIDTH, chain_width, size_of
-from ireeopt.runtime import flat
+from ireeopt.compiler.tiles import tuning_spec
+from ireeopt.runtime import cores, flat
+from ireeopt.runtime.groups import HALVES_MAX_PARAMS, HALVES_MIN_PARAMS, halves_tile
 from ireeopt.runtime import module as step_module
 from ireeopt.runtime.module import SPIN_S, StepChain
 
@@ -254,6 +256,49 @@ def test_variable_gradients_are_read_where_they_lie():
         ref.step([g])
         np.testing.assert_array_equal(accumulated.numpy(), g)
     np.testing.assert_allclose(var.numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
+
+
+def test_halves_tile_gives_each_worker_one_run():
+    """A tile of a multiple of 16 elements that covers a step in exactly ``workers`` runs
+    (the last one shorter), from HALVES_MIN_PARAMS to HALVES_MAX_PARAMS, for 2 or more workers."""
+    for params in (HALVES_MIN_PARAMS, HALVES_MIN_PARAMS + 5, 3_000_001, HALVES_MAX_PARAMS):
+        for workers in (2, 3, 16):
+            tile = halves_tile(params, workers)
+            assert tile % 16 == 0 and -(-params // tile) == workers, (params, workers)
+    assert halves_tile(HALVES_MIN_PARAMS - 1, 2) is None and halves_tile(HALVES_MAX_PARAMS + 1, 2) is None
+    assert halves_tile(HALVES_MIN_PARAMS, 1) is None
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tuning_spec(1000)
+
+
+@pytest.mark.parametrize("kind, kwargs", [("adam", {}), ("adamw", {"weight_decay": 0.1}), ("adamax", {}),
+                                          ("adam", {"use_ema": True, "clipvalue": 0.5, "amsgrad": True})])
+def test_a_one_variable_step_of_millions_of_parameters_has_one_workgroup_a_worker(kind, kwargs):
+    """A model of one float32 variable of HALVES_MIN_PARAMS + 5 parameters: its step on
+    local-task and its twin on the calling thread are the one module compiled with
+    ``halves_tile`` (one workgroup a local-task worker, the last one peeled: not a multiple
+    of 16), and every step matches the reference (values, slots, EMA average)."""
+    n = HALVES_MIN_PARAMS + 5
+    rng = np.random.default_rng(31)
+    init = [rng.standard_normal(n).astype(np.float32)]
+    variables = [ireeopt.Variable(init[0], name="w0")]
+    opt = {"adam": ireeopt.Adam, "adamw": ireeopt.AdamW, "adamax": ireeopt.Adamax}[kind](learning_rate=0.01, **kwargs)
+    ref = Reference(kind, init, ["w0"], learning_rate=0.01, **kwargs)
+    opt.build(variables)
+    (prepared,) = opt._prepared.values()
+    assert prepared.module.loaded.device.driver == "local-task" and prepared.twin is not None
+    workers = cores.task_workers()
+    assert workers >= 1 and prepared.module.tile == halves_tile(n, workers)
+    assert prepared.twin.module.tile == prepared.module.tile
+    for _ in range(3):
+        grads = [rng.standard_normal(n).astype(np.float32)]
+        opt.apply_gradients(zip(grads, variables))
+        ref.step(grads)
+    np.testing.assert_allclose(variables[0].numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(opt._slots["m"][0].numpy(), ref.m[0], rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(opt._slots["v" if kind != "adamax" else "u"][0].numpy(), ref.v[0], rtol=2e-5, atol=1e-7)
+    if kwargs.get("use_ema"):
+        np.testing.assert_allclose(opt._averages[0].numpy(), ref.avg[0], rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("spin_s", [None, 0.0])
@@ -757,7 +802,7 @@ def test_a_large_model_is_moved_into_its_arenas_while_its_step_compiles(fails, m
     init = [v.numpy() for v in variables]
     opt = ireeopt.Adam(learning_rate=0.01, use_ema=True, amsgrad=fails)     # (failing: not compiled yet)
     if fails:
-        def no_compiler(specs, target):
+        def no_compiler(specs, target, tiles):
             raise RuntimeError("no compiler here")
         monkeypatch.setattr(cache, "_compile_all", no_compiler)
         with pytest.raises(RuntimeError, match="no compiler here"):

@@ -203,6 +203,7 @@ def test_cache_key_depends_on_structure():
                   StepSpec("adamax", (VarSpec((3,), "float32"),), (False,)),
                   StepSpec("adam", (VarSpec((3,), "bfloat16"),), (False,))):
         assert cache.cache_key(other, "llvm-cpu") != cache.cache_key(a, "llvm-cpu")
+    assert cache.cache_key(a, "llvm-cpu", 2048) not in (cache.cache_key(a, "llvm-cpu"), cache.cache_key(a, "llvm-cpu", 4096))
 
 
 @pytest.mark.parametrize("device", ["local-task", pytest.param("vulkan", marks=needs_vulkan)])
