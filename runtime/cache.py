@@ -3,7 +3,7 @@
 The disk key covers everything a module depends on: the step structure
 (optimizer kind, variable shapes/dtypes, which variables get gradients and which
 of them sparsely in which bucket, clip mode, amsgrad, EMA, weight-decay mask),
-the target and its exact iree-compile flags, the host CPU
+the target and its exact iree-compile flags (and workgroup tile: compiler/tiles.py), the host CPU
 (``-target-cpu=host``), the IREE version, and a hash of the kernel sources.
 Set ``IREEOPT_CACHE_DIR`` to move it (default ``~/.cache/ireeopt``).
 """
