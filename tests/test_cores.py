@@ -144,15 +144,7 @@ def test_steps_while_other_threads_are_busy_run_either_form_and_match_the_refere
     (prepared,) = opt._prepared.values()
     twin = prepared.twin
     assert _drivers(prepared) == {"local-task"} and _drivers(twin) == {"local-sync"}
-    busy = _Busy()
-    try:        # (a step sees them busy when one runs as it starts: most steps, not every one)
-        for _ in range(40):
-            step()
-            if min(map(len, prepared.choice.times)) == cores.FormChoice.TRIES:
-                break
-    finally:
-        busy.stop()
-    assert [len(t) for t in prepared.choice.times] == [cores.FormChoice.TRIES] * 2
+    _steps_until_both_forms_ran(prepared, step)
     for _ in range(2):
         step()
     assert [len(t) for t in prepared.choice.times] == [cores.FormChoice.TRIES] * 2
@@ -160,7 +152,6 @@ def test_steps_while_other_threads_are_busy_run_either_form_and_match_the_refere
         np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=v.name)
     for k, want in enumerate(ref.v):
         np.testing.assert_allclose(opt._slots["v"][k].numpy(), want, rtol=2e-5, atol=1e-9)
-
 
 
 @pytest.mark.skipif(cores.CORES < 2, reason="one core: while the caller prepares a step no other thread runs")
@@ -188,6 +179,15 @@ def test_a_step_with_one_workgroup_a_worker_runs_with_iree_tiles_while_other_thr
     contended = prepared.contended
     assert contended.module.tile is None and _drivers(contended) == {"local-task"} and not contended.verified
     assert prepared.twin.module.tile == prepared.module.tile and _drivers(prepared.twin) == {"local-sync"}
+    _steps_until_both_forms_ran(prepared, step)
+    assert contended.verified and prepared.twin.verified           # (each ran, in place)
+    np.testing.assert_allclose(variables[0].numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(opt._slots["v"][0].numpy(), ref.v[0], rtol=2e-5, atol=1e-9)
+
+def _steps_until_both_forms_ran(prepared, step):
+    """``step()`` while other threads are busy until each form of ``prepared`` ran its
+    FormChoice.TRIES (at most 40 steps: a step sees them busy when one runs as it starts,
+    most steps, not every one)."""
     busy = _Busy()
     try:
         for _ in range(40):
@@ -197,9 +197,6 @@ def test_a_step_with_one_workgroup_a_worker_runs_with_iree_tiles_while_other_thr
     finally:
         busy.stop()
     assert [len(t) for t in prepared.choice.times] == [cores.FormChoice.TRIES] * 2
-    assert contended.verified and prepared.twin.verified           # (each ran, in place)
-    np.testing.assert_allclose(variables[0].numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(opt._slots["v"][0].numpy(), ref.v[0], rtol=2e-5, atol=1e-9)
 
 def _drivers(prepared):
     chain = getattr(prepared.module, "calls", None)
