@@ -32,8 +32,10 @@ _files = {}          # tile -> the path of its tuning spec, written once a proce
 
 
 def tuning_spec(tile):
-    """The tuning spec (transform dialect) that gives each 1-D ``linalg.generic`` tiles of
-    ``tile`` elements."""
+    """The tuning spec (transform dialect) that gives every ``linalg.generic`` of a step
+    tiles of ``tile`` elements: for a step whose dispatches are each one 1-D elementwise
+    generic (a dense update; IREE rejects two configured ops in one dispatch, as a norm summed
+    in the step has: the runtime tiles only steps of any length, which sum none)."""
     if not isinstance(tile, int) or tile < 16 or tile % 16:
         raise ValueError(f"a workgroup tile is a positive multiple of 16 elements, got {tile!r}")
     return _SPEC.format(tile=tile)

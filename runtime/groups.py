@@ -47,9 +47,10 @@ TWIN_MAX_PARAMS = 1 << 23
 #: here (the raw step, one process, blocks): 1 x 2^22 1.144 against 1.377 and 1.644
 #: against 2.144 ms in the host's fast spells (a C loop over static halves 1.189; over
 #: dynamic tiles 1.09-1.14 against 0.79-0.86 for halves), 0.95-1.01 of the default in the
-#: others; 1 x 2^24 with halves 1.01-1.20 of the default, so not there
-HALVES_MIN_PARAMS = 1 << 21
-HALVES_MAX_PARAMS = 1 << 23
+#: others; 1 x 2^24 with halves 1.01-1.20 of the default, so not there.  It is the twin's
+#: range, not only as measured: while other threads are busy such a step runs with IREE's
+#: tiles instead (``prepared.contended``), a form that only a step with a twin has
+HALVES_MIN_PARAMS, HALVES_MAX_PARAMS = TWIN_MIN_PARAMS, TWIN_MAX_PARAMS
 
 
 def halves_tile(params, workers):
@@ -256,8 +257,8 @@ class GroupSteps:
             params = self._group_buffers["params"][0].shape[0]
             if self._group_step_device(params).driver == "local-task":
                 tile = halves_tile(params, task_workers())
-            if tile is not None and device is not self._device:
-                step_modules([spec, spec], device, [tile, None])   # and its contended form (_with_twin), compiled together
+            if tile is not None and device is not self._device:     # (the twinned form: it has a contended one)
+                step_modules([spec, spec], device, [tile, None])   # both compiled together (_with_twin)
         prepared = self._prepared_step(spec, buffers, self._all_staging(), device, tile)
         if self._own_groups and prepared.module is not None:
             prepared.bindings = flat.GradientBindings(prepared.module, buffers,

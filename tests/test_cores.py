@@ -184,6 +184,7 @@ def test_a_step_with_one_workgroup_a_worker_runs_with_iree_tiles_while_other_thr
     np.testing.assert_allclose(variables[0].numpy(), ref.p[0], rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(opt._slots["v"][0].numpy(), ref.v[0], rtol=2e-5, atol=1e-9)
 
+
 def _steps_until_both_forms_ran(prepared, step):
     """``step()`` while other threads are busy until each form of ``prepared`` ran its
     FormChoice.TRIES (at most 40 steps: a step sees them busy when one runs as it starts,
