@@ -177,6 +177,34 @@ def test_parallel_gradient_copies(monkeypatch):
         np.testing.assert_allclose(v.numpy(), expected, rtol=2e-5, atol=2e-6, err_msg=v.name)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_value_read_is_a_copy_of_it_whole(monkeypatch, parallel):
+    """``Variable.numpy`` of a variable and a slot in flat storage (split over the cores from
+    PARALLEL_MIN_BYTES on: forced here): the exact current value, which later steps and
+    writes to the copy leave apart."""
+    monkeypatch.setattr(flat, "PARALLEL_MIN_BYTES", 1 << 10 if parallel else 1 << 40)
+    monkeypatch.setattr(flat, "_CORES", 2)
+    shapes = [(301, 7), (40_001,)]
+    rng, variables, opt, ref = _model(5, shapes)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    opt.apply_gradients(zip(grads, variables))
+    ref.step(grads)
+    values = [v.numpy() for v in variables]
+    slot = opt.variables[3]                 # (iterations, then m and v of each variable)
+    assert slot.name == "w1/m"
+    m = slot.numpy()
+    for value, v, expected in zip(values, variables, ref.p):
+        assert value.shape == v.shape and value.dtype == np.float32
+        np.testing.assert_allclose(value, expected, rtol=2e-5, atol=2e-6, err_msg=v.name)
+    np.testing.assert_allclose(m, ref.m[1], rtol=2e-5, atol=2e-7)
+    kept = [value.copy() for value in values]
+    opt.apply_gradients(zip(grads, variables))
+    for value, before in zip(values, kept):
+        np.testing.assert_array_equal(value, before)             # the step left the copies alone
+    values[1][:] = 0.0
+    assert np.count_nonzero(variables[1].numpy()) == shapes[1][0]  # the copy is not the variable
+
+
 def test_repeated_dense_steps_take_the_short_path_and_stay_exact():
     """A call like the previous one (same variables, same order, plain arrays) is staged in
     one pass; anything else (new settings, a bad gradient, another order, a generator)
