@@ -245,7 +245,7 @@ def _on_cores(fn, parts):
 def _the_pool():
     """The pool of one thread per core but the caller's (made once)."""
     if not _pool:
-        _pool.append(ThreadPoolExecutor(_CORES - 1, thread_name_prefix="ireeopt-copy", initializer=cores.own_thread))
+        _pool.append(ThreadPoolExecutor(_CORES - 1, thread_name_prefix="ireeopt-copy"))
     return _pool[0]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..kernels.step import CHAIN_MIN_GROUPS, VarSpec, chain_width, dynamic_spec, size_of, slot_dtype
 from .cache import step_modules
-from .cores import FormChoice, cores_taken, task_workers
+from .cores import task_workers
 from .device import Device
 from . import flat
 from .module import PreparedStep, StepChain
@@ -31,26 +31,17 @@ TASK_MIN_PARAMS = 1 << 19
 #: below this many parameters in all, a step that leaves some variables without a
 #: gradient always runs as the group step (``_restorable``)
 SUBSET_GROUPS_BELOW = 1 << 19
-#: a local-task step over TWIN_MIN_PARAMS to TWIN_MAX_PARAMS parameters has a twin on the
-#: calling thread, which may run it when other threads are busy as it starts
-#: (runtime/cores.py).  Measured here alternating with torch fused step by step (ratios to
-#: torch's step, three pairs of processes): 1 x 2^22 1.31, 1.10, 1.32 on local-task, 1.12,
-#: 1.08, 1.02 with the twin.  A smaller step stayed faster on local-task (1 x 2^20: 0.79,
-#: 0.83 against 1.01, 1.07: the check costs ~20-50 us while another thread runs); a longer
-#: one outlasts the others' busy spell (torch's OpenMP workers spin ~5-10 ms) and gained
-#: nothing (1 x 2^24: 0.94, 0.92, 0.95 against 0.89, 0.99, 1.00)
-TWIN_MIN_PARAMS = 1 << 21
-TWIN_MAX_PARAMS = 1 << 23
 #: a group step of one variable of HALVES_MIN_PARAMS to HALVES_MAX_PARAMS parameters on
 #: local-task has one workgroup a worker (``halves_tile``, compiler/tiles.py), each a
 #: contiguous run, not IREE's 4,096-element tiles taken from a shared counter.  Measured
 #: here (the raw step, one process, blocks): 1 x 2^22 1.144 against 1.377 and 1.644
 #: against 2.144 ms in the host's fast spells (a C loop over static halves 1.189; over
 #: dynamic tiles 1.09-1.14 against 0.79-0.86 for halves), 0.95-1.01 of the default in the
-#: others; 1 x 2^24 with halves 1.01-1.20 of the default, so not there.  It is the twin's
-#: range, not only as measured: while other threads are busy such a step runs with IREE's
-#: tiles instead (``prepared.contended``), a form that only a step with a twin has
-HALVES_MIN_PARAMS, HALVES_MAX_PARAMS = TWIN_MIN_PARAMS, TWIN_MAX_PARAMS
+#: others; 1 x 2^24 with halves 1.01-1.20 of the default, so not there.  Alternating step by
+#: step with torch fused, whose OpenMP workers spin on a core after its step, 1 x 2^22 over
+#: halves took 1.00-2.08 of torch's step (median ~1.2) in the fast spells, over IREE's
+#: tiles 1.24-2.50 (~1.3)
+HALVES_MIN_PARAMS, HALVES_MAX_PARAMS = 1 << 21, 1 << 23
 
 
 def halves_tile(params, workers):
@@ -163,42 +154,18 @@ class GroupSteps:
     def _prepare_groups(self):
         """The ``PreparedStep`` that updates every variable through the group buffers (its
         own groups' gradients bound per step: ``flat.GradientBindings``), or a
-        ``_prepare_chain`` one (``_chained``), with its twin on the calling thread where it
-        has one (``_with_twin``)."""
+        ``_prepare_chain`` one (``_chained``), on the device a step of its size runs on
+        (``_on_step_device``)."""
         key = ("groups",) + self._structure_key()
         if key not in self._prepared:
             build = self._prepare_chain if self._chained() else self._prepare_group_step
-            self._prepared[key] = self._with_twin(build, sum(g.shape[0] for g in self._group_buffers["params"]))
+            self._prepared[key] = self._on_step_device(build, sum(g.shape[0] for g in self._group_buffers["params"]))
         return self._prepared[key]
 
-    def _with_twin(self, build, params):
+    def _on_step_device(self, build, params):
         """``build(device)`` on the device a flat step over ``params`` parameters runs on
-        (``_group_step_device``).  When that is not the optimizer's own (device ``cpu``:
-        local-task) and ``params`` is from TWIN_MIN_PARAMS to TWIN_MAX_PARAMS: with its twin
-        ``build(own device)`` (local-sync, the calling thread, over the same memory), which
-        may run the step when other threads are busy, and the ``cores.FormChoice`` between
-        them (``_form``)."""
-        device = self._group_step_device(params)
-        prepared = build(device)
-        if device is not self._device and prepared.module is not None and \
-                TWIN_MIN_PARAMS <= params <= TWIN_MAX_PARAMS:
-            prepared.twin, prepared.choice = build(self._device), FormChoice()
-            if getattr(prepared.module, "tile", None) is not None:     # (a group step: ``_prepare_group_step``)
-                prepared.contended = build(device, halves=False)
-            self._twinned = True
-        return prepared
-
-    def _form(self, prepared, since):
-        """(the form of ``prepared`` that runs this step, what ``_run_prepared`` records its
-        duration into): itself and None or, when other threads of the process were busy
-        ``since`` (a ``cores.sample`` at the start of the call, or None:
-        ``cores.cores_taken``), whichever of it (with IREE's own tiles if it has one workgroup
-        a worker: ``prepared.contended``, which a worker that shares its core does not hold
-        up) and its twin has been faster then and (its ``cores.FormChoice``, which form)."""
-        if prepared.twin is None or since is None or not cores_taken(since):
-            return prepared, None
-        form = prepared.choice.pick()
-        return (prepared.twin if form else prepared.contended or prepared), (prepared.choice, form)
+        (``_group_step_device``)."""
+        return build(self._group_step_device(params))
 
     def _all_staging(self):
         """The gradient staging of every variable, in order (what a group step fills)."""
@@ -245,20 +212,16 @@ class GroupSteps:
         return {groups[k]: a for a, (kind, k, _, _) in enumerate(spec.arguments())
                 if kind == "grads" and groups[k] in own}
 
-    def _prepare_group_step(self, device, halves=True):
+    def _prepare_group_step(self, device):
         """One compiled step over all groups, one dispatch each, on ``device``; a step of one
-        float32 variable that runs on local-task (it and its twin) with one workgroup a worker
-        where ``halves_tile`` says so, unless not ``halves``."""
+        float32 variable that runs on local-task with one workgroup a worker where
+        ``halves_tile`` says so."""
         groups = list(range(len(self._groups)))
         spec = self._group_spec(groups)
         buffers = self._call_buffers(spec, groups, device)
         tile = None
-        if halves and spec.dynamic and len(groups) == 1:
-            params = self._group_buffers["params"][0].shape[0]
-            if self._group_step_device(params).driver == "local-task":
-                tile = halves_tile(params, task_workers())
-            if tile is not None and device is not self._device:     # (the twinned form: it has a contended one)
-                step_modules([spec, spec], device, [tile, None])   # both compiled together (_with_twin)
+        if spec.dynamic and len(groups) == 1 and device.driver == "local-task":
+            tile = halves_tile(self._group_buffers["params"][0].shape[0], task_workers())
         prepared = self._prepared_step(spec, buffers, self._all_staging(), device, tile)
         if self._own_groups and prepared.module is not None:
             prepared.bindings = flat.GradientBindings(prepared.module, buffers,
@@ -341,7 +304,7 @@ class GroupSteps:
     def _prepare_slices(self, spec, indices, buffers, grad_buffers):
         """A step over the slices of the variables ``indices`` (one over some variables, with
         sparse gradients, or clipping each variable by its own norm), run as a group step is:
-        on local-task from TASK_MIN_PARAMS parameters (with a twin: ``_with_twin``), and with
+        on local-task from TASK_MIN_PARAMS parameters (``_on_step_device``), and with
         the dense gradient of each variable that has a group of its own bound where it lies
         (``prepared.own_of``).  A lazy (Adamax) sparse gradient counts the rows it updates,
         not its table: 1M x 64, k = 4,096, 7.3 ms on local-sync against 8.3 on local-task."""
@@ -358,7 +321,7 @@ class GroupSteps:
             return prepared
 
         lazy = spec.optimizer == "adamax"
-        return self._with_twin(build, sum(v.sparse * size_of(v.shape[1:]) if lazy and v.sparse else size_of(v.shape)
+        return self._on_step_device(build, sum(v.sparse * size_of(v.shape[1:]) if lazy and v.sparse else size_of(v.shape)
                                           for v in spec.variables))
 
     def _group_step_device(self, params):
@@ -402,11 +365,10 @@ class GroupSteps:
             self._structure_key(), prepared, [v.shape for v in variables], copied, bound,
             sum(host.nbytes for _, host in copied), variables)
 
-    def _apply_repeat(self, pairs, since=None):
+    def _apply_repeat(self, pairs):
         """A dense flat step for the same variables, in the same order, as a remembered one,
         with plain float arrays of their shapes: checked and staged with a few passes in C
-        over all pairs (the general path sorts, groups and re-checks every pair); ``since``:
-        the call's ``cores.sample`` (``_form``).  Returns
+        over all pairs (the general path sorts, groups and re-checks every pair).  Returns
         False, having changed nothing, for anything else (the general path then handles, or
         rejects, the call)."""
         try:
@@ -424,7 +386,6 @@ class GroupSteps:
             return False
         copies = [(host, grads[k]) for k, host in copied]
         lr = self._step_lr()
-        prepared, timed = self._form(prepared, since)
         hyper = self._constants(prepared.spec, lr)
         args = None
         if isinstance(prepared.bindings, flat.ChainBindings) and dtypes == _ONLY_FLOAT32 and prepared.norms is None:
@@ -444,5 +405,5 @@ class GroupSteps:
                     nbytes += host.nbytes
             prepared.args = prepared.bindings.bind(sources)
         flat.copy_to_hosts(copies, nbytes)
-        self._run_prepared(prepared, hyper, timed=timed, args=args)
+        self._run_prepared(prepared, hyper, args=args)
         return True

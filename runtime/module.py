@@ -62,9 +62,6 @@ class PreparedStep:
         self.own_norms = {}            # its scalar buffer of each own group's norm (clipnorm)
         self.bindings = None           # group steps with own groups: flat.GradientBindings/ChainBindings
         self.own_of = {}               # a step over slices: {variable index: the own group bound in place}
-        self.twin = None               # the same step on the calling thread (runtime/cores.py)
-        self.choice = None             # its cores.FormChoice
-        self.contended = None          # a step with one workgroup a worker: the same with IREE's tiles
 
 
 class _Timeline:

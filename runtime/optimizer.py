@@ -8,7 +8,6 @@ module, which updates parameters, slots and EMA averages in place.
 import functools
 import numbers
 import re
-import time
 import warnings
 
 import numpy as np
@@ -20,7 +19,7 @@ from ..kernels import schedules
 from ..kernels.step import StepSpec, VarSpec, slot_dtype
 from .cache import step_module
 from .device import is_real, numpy_dtype
-from . import cores, flat, sparse
+from . import flat, sparse
 from .groups import GroupSteps
 from .module import PreparedStep
 from .train import Training
@@ -124,7 +123,6 @@ class Optimizer(GroupSteps, Training):
         self._iterations = 0
         self._device_calls = 0       # compiled-module invocations (see device_calls)
         self._repeat_steps = {}
-        self._twinned = False
         self._artifact = None
         self.built = False
         self._vars = []
@@ -302,7 +300,6 @@ class Optimizer(GroupSteps, Training):
         self._scratch_rows = {}      # variable index -> rows its scratch table holds (host copy)
         self._device, self._prepared, self._train_steps = device, {}, {}
         self._repeat_steps = {}      # variable ids -> a remembered dense flat step (_apply_repeat)
-        self._twinned = False        # a step has a twin on the calling thread (groups._form)
         self._decay_excluded = excluded
         self.built = True
         try:
@@ -486,9 +483,8 @@ class Optimizer(GroupSteps, Training):
         """Apply one step (spec §1) with numpy gradients; returns ``iterations``.
 
         Everything is checked on the host first: a failing call changes nothing."""
-        since = cores.sample() if self._twinned else None     # (which form runs the step: _form)
         grads_and_vars = grads_and_vars if type(grads_and_vars) in (list, tuple) else list(grads_and_vars)
-        if self._repeat_steps and self._apply_repeat(grads_and_vars, since):
+        if self._repeat_steps and self._apply_repeat(grads_and_vars):
             return self.iterations
         pairs = self._validate_pairs(grads_and_vars)
         given = [(g, v) for g, v in pairs if g is not None]
@@ -508,11 +504,7 @@ class Optimizer(GroupSteps, Training):
         indices = tuple(self._index[id(v)] for _, v in order)
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
         groups = self._groups_apply(indices, buckets)
-        if groups:
-            step = self._prepare_groups()
-            prepared, timed = self._form(step, since)
-        else:
-            prepared, timed = self._form(self._prepare(indices, buckets), since)
+        step = prepared = self._prepare_groups() if groups else self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)
         scratch_rows = {}
         copies = []                  # (staging buffer, array): written together below
@@ -538,7 +530,7 @@ class Optimizer(GroupSteps, Training):
         saved = [(host, host.copy()) for host in self._untouched(indices)] \
             if groups and len(indices) < len(self._vars) else ()
         try:
-            self._run_prepared(prepared, hyper, scratch_rows, timed)
+            self._run_prepared(prepared, hyper, scratch_rows)
         finally:
             for host, value in saved:
                 host[...] = value
@@ -547,10 +539,9 @@ class Optimizer(GroupSteps, Training):
             self._remember_repeat(grads_and_vars, step)
         return self.iterations
 
-    def _run_prepared(self, prepared, hyper, scratch_rows=None, timed=None, args=None):
+    def _run_prepared(self, prepared, hyper, scratch_rows=None, args=None):
         """With the inputs staged: write this step's scalars, run the prepared step (checking
-        on its first call that it updated its state in place), count the step; ``timed``:
-        (cores.FormChoice, form) that records its duration (``_form``); ``args``: its
+        on its first call that it updated its state in place), count the step; ``args``: its
         argument lists, if not ``prepared.args`` (a chain's, made as it queues each call)."""
         if prepared.norms is not None:
             self._host_norms(prepared, hyper)
@@ -559,10 +550,7 @@ class Optimizer(GroupSteps, Training):
         if prepared.module is None:
             self._run_eager(prepared.spec, prepared.buffers)
         else:
-            start = time.perf_counter()
             results = prepared.module(prepared.args if args is None else args)
-            if timed is not None:              # a form picked while other threads ran (cores.py)
-                timed[0].record(timed[1], time.perf_counter() - start)
             self._device_calls += 1
             if not prepared.verified:
                 self._verify_in_place(prepared, results)

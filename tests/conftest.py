@@ -1,4 +1,3 @@
-import math
 import os
 
 import numpy as np
@@ -11,26 +10,6 @@ def _fresh_compile_cache(tmp_path_factory):
     if "IREEOPT_TEST_KEEP_CACHE" not in os.environ:
         os.environ["IREEOPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("ireeopt-cache"))
     yield
-
-
-@pytest.fixture(autouse=True)
-def _own_threads_followed(monkeypatch):
-    """Each test's steps look only at the threads the test starts when they ask whether
-    other threads are busy (runtime/cores.py): threads of earlier tests may still be (IREE's
-    Vulkan driver on lavapipe keeps two threads polling while its device exists)."""
-    from ireeopt.runtime import cores
-
-    earlier = {int(t) for t in os.listdir("/proc/self/task")} if os.path.isdir("/proc/self/task") else set()
-    listed = cores._threads._list
-
-    def _list():
-        listed()
-        cores._threads.clocks = tuple((tid, clock) for tid, clock in cores._threads.clocks if tid not in earlier)
-
-    monkeypatch.setattr(cores._threads, "_list", _list)
-    monkeypatch.setattr(cores._threads, "_listed", -math.inf)
-    yield
-    cores._threads._listed = -math.inf         # (listed again, every thread, at the next sample)
 
 
 @pytest.fixture
