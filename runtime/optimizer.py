@@ -504,7 +504,7 @@ class Optimizer(GroupSteps, Training):
         indices = tuple(self._index[id(v)] for _, v in order)
         buckets = tuple(g.bucket if isinstance(g, sparse.SparseGradient) else None for g, _ in order)
         groups = self._groups_apply(indices, buckets)
-        step = prepared = self._prepare_groups() if groups else self._prepare(indices, buckets)
+        prepared = self._prepare_groups() if groups else self._prepare(indices, buckets)
         hyper = self._constants(prepared.spec, lr)
         scratch_rows = {}
         copies = []                  # (staging buffer, array): written together below
@@ -536,7 +536,7 @@ class Optimizer(GroupSteps, Training):
                 host[...] = value
         if groups and prepared.module is not None and len(indices) == len(pairs) == len(self._vars) and \
                 all(type(g) is np.ndarray for g, _ in pairs):
-            self._remember_repeat(grads_and_vars, step)
+            self._remember_repeat(grads_and_vars, prepared)
         return self.iterations
 
     def _run_prepared(self, prepared, hyper, scratch_rows=None, args=None):
