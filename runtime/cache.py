@@ -202,11 +202,12 @@ def step_modules(specs, device, tiles=None):
     from ``compile_vmfbs``, compiled at the same time)."""
     keys = [(spec, device.key, tile) for spec, tile in zip(specs, tiles or [None] * len(specs))]
     with _lock:
-        missing = list(dict.fromkeys((spec, tile) for spec, _, tile in keys if (spec, device.key, tile) not in _memory))
+        missing = list(dict.fromkeys(key for key in keys if key not in _memory))
         if missing:
-            vmfbs = compile_vmfbs([spec for spec, _ in missing], device.target, [tile for _, tile in missing])
-            for (spec, tile), vmfb in zip(missing, vmfbs):
-                module = _memory[(spec, device.key, tile)] = LoadedModule(device, vmfb).step("main", spec)
+            vmfbs = compile_vmfbs([spec for spec, _, _ in missing], device.target, [tile for _, _, tile in missing])
+            for key, vmfb in zip(missing, vmfbs):
+                spec, _, tile = key
+                module = _memory[key] = LoadedModule(device, vmfb).step("main", spec)
                 module.tile = tile
         return [_memory[key] for key in keys]
 

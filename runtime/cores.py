@@ -9,8 +9,8 @@ calling thread (local-sync), run instead of local-task while other threads of th
 were busy (read from their CPU clocks), chosen by the two forms' measured times.  On this
 VM it lost: alternating step by step with torch fused (whose OpenMP workers spin on a core
 after its step), 1 x 2^22 with the twin took 1.67-2.00 of torch's step in the host's fast
-spells, without it 1.00-1.96, in 14 of 16 pairs of optimizers (one process each) the one
-without was faster (README, "Busy threads").
+spells, without it 1.00-1.96; in 14 of 16 pairs of optimizers (two pairs a process) the
+one without was faster (README, "Busy threads").
 """
 import os
 
