@@ -212,6 +212,20 @@ def step_modules(specs, device, tiles=None):
         return [_memory[key] for key in keys]
 
 
+def twin_modules(modules, device):
+    """Each of the loaded ``modules`` (``StepModule``s) on ``device`` too, which has their
+    compile target: the same vmfb, loaded once (no compile, no disk)."""
+    keys = [(module.spec, device.key, module.tile) for module in modules]
+    with _lock:
+        for key, module in zip(keys, modules):
+            if key not in _memory:
+                if device.target != module.loaded.device.target:
+                    raise ValueError(f"a {module.loaded.device.target} module cannot run on {device.key}")
+                twin = _memory[key] = LoadedModule(device, module.loaded.vmfb).step("main", module.spec)
+                twin.tile = module.tile
+        return [_memory[key] for key in keys]
+
+
 @atexit.register
 def _release():
     """Drop loaded modules before interpreter teardown (nanobind reports them as leaks otherwise)."""

@@ -307,8 +307,9 @@ class GradientBindings:
 
     KEEP = 4
 
-    def __init__(self, module, buffers, arguments, fences=None):
+    def __init__(self, module, buffers, arguments, fences=None, twin=None):
         self.module, self.buffers, self.fences = module, list(buffers), fences
+        self.twin = twin                          # the step on the calling thread (module.StepChain)
         self.arguments = arguments                # own group -> its gradient's argument index
         self.bound = dict.fromkeys(arguments)     # own group -> the import bound now, or None
         self._last = dict.fromkeys(arguments)    # own group -> (weakref of the array bound last, its import)
@@ -317,7 +318,8 @@ class GradientBindings:
 
     def bind(self, sources):
         """The argument list with ``sources`` ({own group: gradient array, or None for its
-        staging buffer}) bound."""
+        staging buffer}) bound; with a ``twin``, the pair (that list, the twin's over the same
+        buffers: the local drivers run on any host memory)."""
         for j, array in sources.items():
             if array is None:
                 self.bound[j] = None
@@ -342,7 +344,10 @@ class GradientBindings:
             for j, a in self.arguments.items():
                 if self.bound[j] is not None:
                     buffers[a] = self.bound[j]
-            args = self._lists[key] = self.module.arguments(buffers, self.fences)
+            args = self.module.arguments(buffers, self.fences)
+            if self.twin is not None:
+                args = (args, self.twin.arguments(buffers))
+            self._lists[key] = args
             if len(self._lists) > self.KEEP:
                 del self._lists[next(iter(self._lists))]
         return args

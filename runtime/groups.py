@@ -17,7 +17,7 @@ from operator import attrgetter
 import numpy as np
 
 from ..kernels.step import CHAIN_MIN_GROUPS, VarSpec, chain_width, dynamic_spec, size_of, slot_dtype
-from .cache import step_modules
+from .cache import step_modules, twin_modules
 from .cores import task_workers
 from .device import Device
 from . import flat
@@ -255,9 +255,12 @@ class GroupSteps:
                 calls.append((spec, self._call_buffers(spec, groups, device, hyper, norms), groups))
         chain, bindings = StepChain(device), []
         modules = step_modules([spec for spec, _, _ in calls], device)     # (compiled at the same time)
-        for (spec, buffers, groups), module in zip(calls, modules):
+        # on local-task, chosen by device "cpu": each call's twin on the calling thread
+        twins = twin_modules(modules, self._device) if device is not self._device and self._auto_device() \
+            else [None] * len(modules)
+        for (spec, buffers, groups), module, twin in zip(calls, modules, twins):
             own = self._own_arguments(spec, groups, self._own_groups) if groups else {}
-            bindings.append(flat.GradientBindings(module, buffers, own, chain.add(module)))
+            bindings.append(flat.GradientBindings(module, buffers, own, chain.add(module, twin), twin))
         prepared = PreparedStep(calls[0][0], chain, None, [buffers for _, buffers, _ in calls], self._all_staging())
         prepared.hyper, prepared.own_norms = hyper, norms
         prepared.norms = clip if clip in ("clipnorm", "global_clipnorm") else None
@@ -319,10 +322,13 @@ class GroupSteps:
         return build(self._group_step_device(sum(v.sparse * size_of(v.shape[1:]) if lazy and v.sparse
                                                  else size_of(v.shape) for v in spec.variables)))
 
+    def _auto_device(self):
+        """Whether the variables are on device ``cpu`` (which picks a step's driver by size)."""
+        return self._vars[0].device.partition(":")[0] == "cpu" and self._device.driver == "local-sync"
+
     def _group_step_device(self, params):
         """The device a flat step over ``params`` parameters runs on (see TASK_MIN_PARAMS)."""
-        auto = self._vars[0].device.partition(":")[0] == "cpu" and self._device.driver == "local-sync"
-        if auto and self.jit_compile and params >= TASK_MIN_PARAMS:
+        if self._auto_device() and self.jit_compile and params >= TASK_MIN_PARAMS:
             return Device.get("local-task")
         return self._device
 

@@ -1,7 +1,9 @@
 """Steps on device "cpu" while other threads of the process are busy (runtime/cores.py):
-they run on local-task as they do with the threads idle (until stop 21 such a step could
-run on the calling thread instead: a twin that measured slower, README "Busy threads"), a
-one-variable step with one workgroup a worker, and give the reference's values."""
+a group step runs on local-task as it does with the threads idle (until stop 21 such a step
+could run on the calling thread instead: a twin that measured slower, README "Busy
+threads"), a one-variable step with one workgroup a worker; a chain runs its first calls
+on the calling thread while another thread runs (runtime/module.py ``StepChain``); all
+give the reference's values."""
 import hashlib
 import threading
 import time
@@ -47,11 +49,13 @@ def _drivers(prepared):
 
 @pytest.mark.parametrize("tensors,clip", [(1, None), (2, "global_clipnorm"), (10, "global_clipnorm"),
                                           (1, "clipnorm")])
-def test_steps_while_other_threads_are_busy_stay_on_local_task_and_match_the_reference(tensors, clip):
+def test_steps_while_other_threads_are_busy_match_the_reference(tensors, clip):
     """One large variable alone (a group step with one workgroup a worker), or next to a
     small one: two (a group step), ten (a chain of length-generic steps), one clipped by its
     own norm (a step over slices): steps with the other threads idle, then busy, then idle
-    again run one prepared step on local-task, and the values and slots are the reference's."""
+    again run one prepared step on local-task, but for the chain's calls while the threads
+    are busy, which run on its twins on the calling thread (local-sync), and the values and
+    slots are the reference's."""
     rng = np.random.default_rng(5)
     shapes = [(HALVES_MIN_PARAMS // tensors + 16 * k + 3,) for k in range(tensors)]
     shapes += [(4, 3)] if tensors > 1 or clip else []       # (a second group: no halves)
@@ -71,15 +75,81 @@ def test_steps_while_other_threads_are_busy_stay_on_local_task_and_match_the_ref
     assert _drivers(prepared) == {"local-task"}
     if tensors == 1 and clip is None and cores.task_workers() > 1:
         assert prepared.module.tile is not None          # one workgroup a worker (groups.halves_tile)
+    twins = getattr(prepared.module, "twins", [])
+    assert bool(twins) == (tensors == 10) and {t.loaded.device.driver for t in twins} <= {"local-sync"}
+    ran = {id(t): t._timeline.value for t in twins}
     busy = _Busy()
     try:
         for _ in range(4):
             step()
     finally:
         busy.stop()
+    if twins:           # (the calls of a module shared by calls add up)
+        assert sum(t._timeline.value - ran[id(t)] for t in {id(t): t for t in twins}.values()) >= 4
+        assert all(t._timeline.value == 4 * twins.count(t) for t in twins[:1])
     step()
     assert list(opt._prepared.values()) == [prepared] and opt.device_calls == 6
     for v, want in zip(variables, ref.p):
         np.testing.assert_allclose(v.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=v.name)
     for k, want in enumerate(ref.v):
         np.testing.assert_allclose(opt._slots["v"][k].numpy(), want, rtol=2e-5, atol=1e-9)
+
+
+def test_others_running_sees_a_running_thread_of_the_process_but_not_the_caller():
+    """``cores.others_running``: True while another thread of the process runs (hashing, the
+    GIL released), False once it has ended; the calling thread itself never counts."""
+    def idle_soon():
+        deadline = time.perf_counter() + 5
+        while cores.others_running():
+            assert time.perf_counter() < deadline, "another thread kept running with none busy"
+            time.sleep(0.01)
+
+    idle_soon()                    # (the calling thread runs now: not counted)
+    busy = _Busy()
+    try:
+        assert cores.others_running()
+    finally:
+        busy.stop()
+    idle_soon()
+
+
+@pytest.mark.parametrize("on_caller", [1, 2, 4])
+def test_a_chain_runs_its_first_calls_on_the_calling_thread_while_others_run(monkeypatch, on_caller):
+    """A chain on local-task (device "cpu") runs its calls on their twins (local-sync) one by
+    one while another thread runs, here for the first ``on_caller`` of its four calls (all of
+    them: 4), and queues the rest; the values and slots are bit for bit those of a chain that
+    queues every call, and the reference's (weight decay, global_clipnorm: the norms given)."""
+    from ireeopt.runtime import groups
+
+    rng = np.random.default_rng(8)
+    shapes = [(groups.TASK_MIN_PARAMS // 16 + 16 * k + 5,) for k in range(20)] + [(6, 5)]
+    init = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    kwargs = dict(learning_rate=0.01, weight_decay=0.05, global_clipnorm=3.0)
+    twinned = [ireeopt.Variable(x, name=f"w{i}") for i, x in enumerate(init)]
+    queued = [ireeopt.Variable(x, name=f"w{i}") for i, x in enumerate(init)]
+    opts = ireeopt.AdamW(**kwargs), ireeopt.AdamW(**kwargs)
+    ref = Reference("adamw", init, [v.name for v in twinned], **kwargs)
+    opts[0].build(twinned)
+    (prepared,) = opts[0]._prepared.values()
+    chain = prepared.module
+    assert [len(module.spec.variables) for module, _ in chain.calls] == [1, 8, 8, 8]
+    assert [t.loaded.device.driver for t in chain.twins] == ["local-sync"] * 4
+    small, wide = chain.twins[0], chain.twins[1]             # (the 8-variable calls share one)
+    before = small._timeline.value, wide._timeline.value
+    answers = []
+    monkeypatch.setattr(cores, "others_running", lambda: answers.pop(0) if answers else False)
+    for step in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        opts[1].apply_gradients(zip(grads, queued))
+        answers[:] = [True] * on_caller + [False]
+        opts[0].apply_gradients(zip(grads, twinned))
+        assert answers == ([False] if on_caller == 4 else [])    # (asked until one call is queued)
+        ref.step(grads)
+    assert (small._timeline.value - before[0], wide._timeline.value - before[1]) == (3, 3 * (on_caller - 1))
+    assert [s.query() for s in chain._timeline.semaphores] == [3] * 4
+    for a, b, want in zip(twinned, queued, ref.p):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+        np.testing.assert_allclose(a.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=a.name)
+    for name in ("m", "v"):
+        for a, b in zip(opts[0]._slots[name], opts[1]._slots[name]):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
