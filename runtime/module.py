@@ -202,9 +202,10 @@ class StepChain:
     ``cpu`` chose), the first calls run on the calling thread instead, one by one, for as
     long as another thread of the process is running (``cores.others_running``: torch's
     OpenMP workers spin on a core for ~7 ms after its step), and the rest are queued as
-    usual.  Measured here, 200 x 2^24/200 alternating step by step with torch fused: 1.01-1.04
-    of torch's step against 1.30-1.45 without; 200 x 2^22/200 0.82-0.92 against 1.54-1.73
-    (README, "Busy threads")."""
+    usual.  Measured here, alternating step by step with torch fused in one process, as
+    ratios to torch's step: 200 x 2^24/200 0.995 and 1.037 against 1.126 and 1.182 without
+    the twins, 200 x 2^22/200 1.023 and 1.037 against 1.301 and 1.420 (README, "Busy
+    threads")."""
 
     def __init__(self, device):
         self._timeline = _Timeline(device, 0)
@@ -217,7 +218,7 @@ class StepChain:
         (``StepModule.arguments(buffers, fences)``)."""
         if not module.fenced:
             raise ValueError("only fenced steps can be chained")
-        if (twin is None) != (not self.twins) and self.calls:
+        if self.calls and (twin is None) != (not self.twins):
             raise ValueError("every call of a chain or none has a twin")
         self._timeline.add()
         fences = (rt.HalFence(1), rt.HalFence(1))     # (the first call's wait stays empty: met)
