@@ -206,10 +206,15 @@ def step_modules(specs, device, tiles=None):
         if missing:
             vmfbs = compile_vmfbs([spec for spec, _, _ in missing], device.target, [tile for _, _, tile in missing])
             for key, vmfb in zip(missing, vmfbs):
-                spec, _, tile = key
-                module = _memory[key] = LoadedModule(device, vmfb).step("main", spec)
-                module.tile = tile
+                _load(key, device, vmfb)
         return [_memory[key] for key in keys]
+
+
+def _load(key, device, vmfb):
+    """Load ``vmfb`` on ``device`` as the step module of memory key (spec, device key, tile)."""
+    spec, _, tile = key
+    module = _memory[key] = LoadedModule(device, vmfb).step("main", spec)
+    module.tile = tile
 
 
 def twin_modules(modules, device):
@@ -221,8 +226,7 @@ def twin_modules(modules, device):
             if key not in _memory:
                 if device.target != module.loaded.device.target:
                     raise ValueError(f"a {module.loaded.device.target} module cannot run on {device.key}")
-                twin = _memory[key] = LoadedModule(device, module.loaded.vmfb).step("main", module.spec)
-                twin.tile = module.tile
+                _load(key, device, module.loaded.vmfb)
         return [_memory[key] for key in keys]
 
 
