@@ -373,18 +373,33 @@ class ChainBindings:
         return [b.bind({j: sources[j] for j in b.arguments}) for b in self.calls]
 
     def bind_each(self, gradients):
-        """The argument list of each call, made as the chain asks for it (a generator:
-        ``StepChain`` queues each call right after, so the first runs while the rest are
-        bound); ``gradients``: {own group: (its gradient, its staging array)}, each bound
-        where it lies if ``in_place``, else (a strided one, say) copied into its staging
-        array first, on this thread."""
-        for b in self.calls:
-            sources = {}
+        """The argument list of each call, each made when the chain first asks for it (a
+        sequence that binds on access: ``StepChain`` queues each call right after, so the
+        first runs while the rest are bound, and may ask in any order); ``gradients``: {own
+        group: (its gradient, its staging array)}, each bound where it lies if ``in_place``,
+        else (a strided one, say) copied into its staging array first, on this thread."""
+        return _BoundOnAccess(self.calls, gradients)
+
+
+class _BoundOnAccess:
+    """``ChainBindings.bind_each``'s sequence: call ``k``'s argument list, bound at the first
+    ``[k]``."""
+
+    def __init__(self, calls, gradients):
+        self._calls, self._gradients, self._made = calls, gradients, {}
+
+    def __len__(self):
+        return len(self._calls)
+
+    def __getitem__(self, k):
+        if k not in self._made:
+            b, sources = self._calls[k], {}
             for j in b.arguments:
-                array, staging = gradients[j]
+                array, staging = self._gradients[j]
                 if in_place(array):
                     sources[j] = array
                 else:
                     staging[...] = array
                     sources[j] = None
-            yield b.bind(sources)
+            self._made[k] = b.bind(sources)
+        return self._made[k]

@@ -93,15 +93,16 @@ class _Timeline:
         count = len(self.semaphores) if count is None else count
         return count == 0 or self.semaphores[count - 1].query() >= self.value
 
-    def wait(self, start, share=1.0):
+    def wait(self, start, learn=True):
         """Wait until the last call's semaphore is signalled at ``value`` by work queued at
-        ``start`` (see SPIN_S): ``share`` of the work the expectation is kept for (the calls
-        of a chain queued, the others having run on the calling thread).  Not IREE's wait,
-        which spins the caller, nor polls by short sleeps alone: on this VM a 20 us sleep took
-        ~105 us (README, "A waiting caller")."""
+        ``start`` (see SPIN_S), which the expectation is kept for; with ``learn`` False, poll
+        for it without the expectation, neither used nor changed (a chain split with the
+        calling thread, which ran its own part meanwhile).  Not IREE's wait, which spins the
+        caller, nor polls by short sleeps alone: on this VM a 20 us sleep took ~105 us
+        (README, "A waiting caller")."""
         overslept = False
         if not self.done():
-            planned = self._expected * share - SPIN_S      # the wake-up, from the start
+            planned = (self._expected if learn else 0.0) - SPIN_S      # the wake-up, from the start
             rest = planned - (time.perf_counter() - start)
             if rest > 0:
                 time.sleep(rest)
@@ -117,7 +118,8 @@ class _Timeline:
                     time.sleep(max(POLL_S, (time.perf_counter() - start) / 100))
         # done before the sleep ended: the step may have got shorter (after a slow first
         # one, say), and the time measured is the sleep's, so the next expectation is halved
-        self._expected = (time.perf_counter() - start) / share * (0.5 if overslept else 1.0)
+        if learn:
+            self._expected = (time.perf_counter() - start) * (0.5 if overslept else 1.0)
 
     def settle(self, count):
         """After a call failed to queue: wait for the ``count`` calls queued before it."""
@@ -199,18 +201,28 @@ class StepChain:
     for the last (so the workers go from one to the next without the caller in between).
 
     With ``twins`` (the same steps on local-sync, for a chain on local-task that device
-    ``cpu`` chose), the first calls run on the calling thread instead, one by one, for as
-    long as another thread of the process is running (``cores.others_running``: torch's
-    OpenMP workers spin on a core for ~7 ms after its step), and the rest are queued as
-    usual.  Measured here, alternating step by step with torch fused in one process, as
-    ratios to torch's step: 200 x 2^24/200 0.995 and 1.037 against 1.126 and 1.182 without
-    the twins, 200 x 2^22/200 1.023 and 1.037 against 1.301 and 1.420 (README, "Busy
-    threads")."""
+    ``cpu`` chose): when another thread of the process is running as the step starts
+    (``cores.others_running``: torch's OpenMP workers spin on a core for ~7 ms after its
+    step), the last calls (all but ``caller_calls(n)`` of the ``n``) are queued first, and the
+    calling thread runs the first ones on their twins, one by one, while the workers run the
+    rest; the calls update separate variables, so nothing orders the two.  Measured here,
+    alternating step by step with torch fused in one process, as ratios to torch's step
+    (README, "Busy threads"): 200 x 2^22/200 0.95-0.99 with the calls split so, against
+    1.04-1.06 with every call on the caller (until stop 23: the calls on the caller for as
+    long as the other thread ran, the rest queued after them); 200 x 2^24/200 1.01-1.02
+    against 1.04-1.11."""
 
     def __init__(self, device):
         self._timeline = _Timeline(device, 0)
         self.calls = []                     # (StepModule, (wait fence, signal fence))
         self.twins = []                     # the twin of each call, if all have one
+
+    @staticmethod
+    def caller_calls(n):
+        """How many of a chain's ``n`` calls the calling thread runs (the first ones) while
+        another thread runs: half (3 of 7 measured best of 2, 3, 4 and 7 at 200 x 2^22/200 and
+        200 x 2^24/200; the workers, two threads, take the other half)."""
+        return n // 2
 
     def add(self, module, twin=None):
         """Append a call of ``module`` (with its ``twin`` on the calling thread, if any; all
@@ -228,38 +240,46 @@ class StepChain:
         return fences
 
     def __call__(self, arg_lists):
-        """Run every call (``arg_lists``: one argument list per call, or an iterator that
-        makes each just before its call is queued; with twins, a pair (its list, its twin's
-        list) per call) and return once all are done (their result lists)."""
-        timeline, out, twins = self._timeline, [], self.twins
-        semaphores = timeline.semaphores
+        """Run every call (``arg_lists``: a sequence of one argument list per call, which may
+        bind each as it is asked for; with twins, a pair (its list, its twin's list) per
+        call) and return once all are done (their result lists, in the calls' order)."""
+        timeline, n = self._timeline, len(self.calls)
+        on_caller = self.caller_calls(n) if self.twins and cores.others_running() else 0
+        out = [None] * n
         with timeline.lock:
             timeline.value += 1
-            start, queued = None, 0
+            queued = 0
             try:
-                for k, ((module, (wait, signal)), args) in enumerate(zip(self.calls, arg_lists)):
-                    if twins:
-                        args, twin_args = args
-                        if start is None and cores.others_running():
-                            out.append(twins[k](twin_args))    # (done on return)
-                            semaphores[k].signal(timeline.value)
-                            continue
-                    if start is None:
-                        start = time.perf_counter()
-                    if k:
-                        wait.insert(semaphores[k - 1], timeline.value)   # (the values only grow)
-                    signal.insert(semaphores[k], timeline.value)
-                    results = rt.VmVariantList(module.n_results)
-                    with module._timeline.lock:     # (a module's context is shared: one invoke at a time)
-                        module.context.invoke(module.function, args, results)
-                    out.append(results)
+                start = time.perf_counter()
+                for k in range(on_caller, n):
+                    args = arg_lists[k]
+                    out[k] = self._queue(k, args[0] if self.twins else args, k > on_caller)
                     queued += 1
+                for k in range(on_caller):
+                    out[k] = self.twins[k](arg_lists[k][1])      # (done on return)
+                    timeline.semaphores[k].signal(timeline.value)
             except BaseException:
-                timeline.settle(len(out))           # (no call of a later step may overtake them)
+                if queued:      # (no call of a later step may overtake them)
+                    timeline.settle(on_caller + queued)
                 raise
             if queued:
-                timeline.wait(start, queued / len(self.calls))
+                # (split: the workers' part ran while the caller ran its own, so its time says
+                # nothing of a step queued whole, which the expectation is for)
+                timeline.wait(start, learn=not on_caller)
         return out
+
+    def _queue(self, k, args, after_previous):
+        """Queue call ``k`` (after call ``k - 1`` if ``after_previous``; otherwise its wait
+        fence holds nothing or a value of an earlier step, met); returns its result list."""
+        module, (wait, signal) = self.calls[k]
+        value, semaphores = self._timeline.value, self._timeline.semaphores
+        if after_previous:
+            wait.insert(semaphores[k - 1], value)      # (the values only grow)
+        signal.insert(semaphores[k], value)
+        results = rt.VmVariantList(module.n_results)
+        with module._timeline.lock:     # (a module's context is shared: one invoke at a time)
+            module.context.invoke(module.function, args, results)
+        return results
 
     def in_place(self, results, buffer_lists):
         return all(module.in_place(r, b) for (module, _), r, b in zip(self.calls, results, buffer_lists))

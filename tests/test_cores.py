@@ -132,12 +132,14 @@ def test_others_running_sees_a_running_thread_of_the_process_but_not_the_caller(
 
 
 @pytest.mark.parametrize("on_caller", [1, 2, 4])
-def test_a_chain_runs_its_first_calls_on_the_calling_thread_while_others_run(monkeypatch, on_caller):
-    """A chain on local-task (device "cpu") runs its calls on their twins (local-sync) one by
-    one while another thread runs, here for the first ``on_caller`` of its four calls (all of
-    them: 4), and queues the rest; the values and slots are bit for bit those of a chain that
-    queues every call, and the reference's (weight decay, global_clipnorm: the norms given)."""
+def test_a_chain_splits_its_calls_with_the_calling_thread_while_others_run(monkeypatch, on_caller):
+    """A chain on local-task (device "cpu") that starts while another thread runs queues its
+    last calls and runs the first ``on_caller`` of its four (here set; all of them: 4) on
+    their twins (local-sync) at the same time; the values and slots are bit for bit those of
+    a chain that queues every call, and the reference's (weight decay, global_clipnorm: the
+    norms given), and a step after them with the other threads idle queues every call."""
     from ireeopt.runtime import groups
+    from ireeopt.runtime.module import StepChain
 
     rng = np.random.default_rng(8)
     shapes = [(groups.TASK_MIN_PARAMS // 16 + 16 * k + 5,) for k in range(20)] + [(6, 5)]
@@ -152,22 +154,66 @@ def test_a_chain_runs_its_first_calls_on_the_calling_thread_while_others_run(mon
     chain = prepared.module
     assert [len(module.spec.variables) for module, _ in chain.calls] == [1, 8, 8, 8]
     assert [t.loaded.device.driver for t in chain.twins] == ["local-sync"] * 4
+    assert StepChain.caller_calls(4) == 2
     small, wide = chain.twins[0], chain.twins[1]             # (the 8-variable calls share one)
     before = small._timeline.value, wide._timeline.value
     answers = []
     monkeypatch.setattr(cores, "others_running", lambda: answers.pop(0) if answers else False)
-    for step in range(3):
+    monkeypatch.setattr(StepChain, "caller_calls", staticmethod(lambda n: on_caller))
+    for step in range(4):
         grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
         opts[1].apply_gradients(zip(grads, queued))
-        answers[:] = [True] * on_caller + [False]
+        answers[:] = [step < 3, "unasked"]
         opts[0].apply_gradients(zip(grads, twinned))
-        assert answers == ([False] if on_caller == 4 else [])    # (asked until one call is queued)
+        assert answers == ["unasked"]                       # (asked once, as the step starts)
+        answers.clear()
         ref.step(grads)
     assert (small._timeline.value - before[0], wide._timeline.value - before[1]) == (3, 3 * (on_caller - 1))
-    assert [s.query() for s in chain._timeline.semaphores] == [3] * 4
+    assert [s.query() for s in chain._timeline.semaphores] == [4] * 4
     for a, b, want in zip(twinned, queued, ref.p):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
         np.testing.assert_allclose(a.numpy(), want, rtol=2e-5, atol=2e-6, err_msg=a.name)
     for name in ("m", "v"):
         for a, b in zip(opts[0]._slots[name], opts[1]._slots[name]):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_split_chain_whose_caller_part_fails_waits_for_the_queued_part(monkeypatch):
+    """When a call that a split chain runs on the calling thread fails, the step raises
+    once the calls queued on the workers are done (none still runs when a later step
+    starts), and the next step runs every call."""
+    from ireeopt.runtime import groups, module
+
+    settled, settle = [], module._Timeline.settle
+    monkeypatch.setattr(module._Timeline, "settle", lambda self, count: (settled.append(count), settle(self, count)))
+    rng = np.random.default_rng(9)
+    shapes = [(groups.TASK_MIN_PARAMS // 16 + 16 * k + 3,) for k in range(20)] + [(7,)]
+    variables = [ireeopt.Variable(rng.standard_normal(s).astype(np.float32), name=f"w{i}")
+                 for i, s in enumerate(shapes)]
+    opt = ireeopt.Adam(learning_rate=0.01)
+    opt.build(variables)
+    (prepared,) = opt._prepared.values()
+    chain = prepared.module
+    assert len(chain.calls) == 4 and len(chain.twins) == 4
+    small = chain.twins[0]
+
+    class Failing:                                  # (a VM context whose invoke fails)
+        def invoke(self, *args):
+            raise RuntimeError("the call on the caller failed")
+
+    monkeypatch.setattr(cores, "others_running", lambda: True)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    context, small.context = small.context, Failing()
+    try:
+        with pytest.raises(RuntimeError, match="on the caller failed"):
+            opt.apply_gradients(zip(grads, variables))
+    finally:
+        small.context = context
+    timeline = chain._timeline
+    assert settled == [4]                           # waited for the last call queued
+    assert [s.query() for s in timeline.semaphores] == [0, 0, 1, 1]      # (calls 2 and 3 were queued)
+    assert opt.iterations == 0
+    monkeypatch.setattr(cores, "others_running", lambda: False)
+    opt.apply_gradients(zip(grads, variables))
+    assert [s.query() for s in timeline.semaphores] == [2] * 4
+    assert opt.iterations == 1
